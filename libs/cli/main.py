@@ -1,0 +1,110 @@
+"""The `kiln` command: run the suite locally, manage API keys, generate images."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from kiln.v1 import job_pb2
+from redis.asyncio import Redis
+
+from libs.api_keys import ApiKeys
+from libs.cli.devstack import REDIS_URL_FILE, run_stack
+from libs.cli.generate import generate
+from libs.errors import KilnError
+
+
+def _redis_url(given: str | None) -> str:
+    if given:
+        return given
+    if os.environ.get("KILN_REDIS_URL"):
+        return os.environ["KILN_REDIS_URL"]
+    if REDIS_URL_FILE.exists():  # the private Redis that `kiln up` started
+        return REDIS_URL_FILE.read_text().strip()
+    return "redis://127.0.0.1:6379/0"
+
+
+async def _keys(args: argparse.Namespace) -> None:
+    redis = Redis.from_url(_redis_url(args.redis_url))
+    keys = ApiKeys(redis)
+    try:
+        if args.keys_command == "create":
+            print(await keys.create(args.tenant, args.tier))
+        elif args.keys_command == "revoke":
+            if not await keys.revoke(args.key_id):
+                raise SystemExit(f"no key with id {args.key_id}")
+            print(f"revoked {args.key_id}")
+        else:
+            for info in await keys.list_keys():
+                print(f"{info.key_id}  tenant={info.tenant}  tier={info.tier}")
+    finally:
+        await redis.aclose()
+
+
+def _job(args: argparse.Namespace) -> job_pb2.Job:
+    t2i = job_pb2.TextToImage(prompt=args.prompt, negative_prompt=args.negative_prompt)
+    for name in ("width", "height", "steps", "seed", "num_images", "guidance_scale"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(t2i, name, value)
+    return job_pb2.Job(model=args.model, text_to_image=t2i)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start Redis, scheduler, a tiny-sd worker and the gateway")
+    up.add_argument("--http-port", type=int, default=8080)
+    up.add_argument("--grpc-port", type=int, default=50051)
+    up.add_argument("--scheduler-port", type=int, default=50052)
+
+    keys = sub.add_parser("keys", help="create, revoke and list API keys")
+    keys.add_argument("--redis-url", help="default: KILN_REDIS_URL, else the Redis `kiln up` started")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--tier", default="free")
+    revoke = keys_sub.add_parser("revoke")
+    revoke.add_argument("key_id", help="the 16 hex characters after 'kiln_'")
+    keys_sub.add_parser("list")
+
+    gen = sub.add_parser("generate", help="generate an image through the API")
+    gen.add_argument("prompt")
+    gen.add_argument("-o", "--output", type=Path, default=Path("out.png"))
+    gen.add_argument("--model", default="tiny-sd")
+    gen.add_argument("--negative-prompt", default="")
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--num-images", type=int)
+    gen.add_argument("--guidance-scale", type=float)
+    gen.add_argument("--server", default=os.environ.get("KILN_SERVER", "127.0.0.1:50051"))
+    gen.add_argument("--api-key", default=os.environ.get("KILN_API_KEY"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "up":
+            asyncio.run(run_stack(args.http_port, args.grpc_port, args.scheduler_port))
+        elif args.command == "keys":
+            asyncio.run(_keys(args))
+        else:
+            if not args.api_key:
+                raise SystemExit("no API key: pass --api-key or set KILN_API_KEY")
+            asyncio.run(generate(args.server, args.api_key, _job(args), args.output))
+    except KilnError as exc:
+        detail = "; ".join(f"{v.field}: {v.description}" for v in exc.violations)
+        raise SystemExit(f"error {exc.code} ({exc.reason}): {detail or exc.message}") from None
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""to_pb/from_pb between the plain job values of `libs.jobs` and the `kiln.v1` messages."""
+
+from __future__ import annotations
+
+from google.protobuf import timestamp_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from kiln.v1 import job_pb2
+
+from libs.errors import DOMAIN
+from libs.jobs import Artifact, JobError, JobRecord, State, TextToImage, artifact_name
+
+_STATE_TO_PB = {
+    State.QUEUED: job_pb2.Job.STATE_QUEUED,
+    State.RUNNING: job_pb2.Job.STATE_RUNNING,
+    State.SUCCEEDED: job_pb2.Job.STATE_SUCCEEDED,
+    State.FAILED: job_pb2.Job.STATE_FAILED,
+    State.CANCELLED: job_pb2.Job.STATE_CANCELLED,
+}
+_STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
+
+
+def state_from_pb(state: job_pb2.Job.State.ValueType) -> State:
+    return _STATE_FROM_PB[state]
+
+
+def spec_to_pb(spec: TextToImage) -> job_pb2.TextToImage:
+    return job_pb2.TextToImage(
+        prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt,
+        width=spec.width,
+        height=spec.height,
+        steps=spec.steps,
+        guidance_scale=spec.guidance_scale,
+        seed=spec.seed,
+        num_images=spec.num_images,
+    )
+
+
+def spec_from_pb(pb: job_pb2.TextToImage) -> TextToImage:
+    """For messages the gateway already resolved: every optional field is present."""
+    return TextToImage(
+        prompt=pb.prompt,
+        negative_prompt=pb.negative_prompt,
+        width=pb.width,
+        height=pb.height,
+        steps=pb.steps,
+        guidance_scale=pb.guidance_scale,
+        seed=pb.seed,
+        num_images=pb.num_images,
+    )
+
+
+def error_to_pb(error: JobError) -> status_pb2.Status:
+    status = status_pb2.Status(code=code_pb2.Code.Value(error.code), message=error.message)
+    status.details.add().Pack(
+        error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)
+    )
+    return status
+
+
+def error_from_pb(status: status_pb2.Status) -> JobError:
+    reason, metadata = "UNKNOWN", {}
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, metadata = info.reason, dict(info.metadata)
+    return JobError(code_pb2.Code.Name(status.code), status.message, reason, metadata)
+
+
+def _timestamp(ms: int) -> timestamp_pb2.Timestamp | None:
+    if not ms:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromMilliseconds(ms)
+    return ts
+
+
+def artifact_to_pb(job_id: str, artifact: Artifact) -> job_pb2.Artifact:
+    return job_pb2.Artifact(
+        name=artifact_name(job_id, artifact.index),
+        mime_type=artifact.mime_type,
+        size_bytes=artifact.size_bytes,
+        sha256=artifact.sha256,
+        seed=artifact.seed,
+        width=artifact.width,
+        height=artifact.height,
+    )
+
+
+def job_to_pb(record: JobRecord) -> job_pb2.Job:
+    job = job_pb2.Job(
+        name=record.name,
+        model=record.model,
+        text_to_image=spec_to_pb(record.spec),
+        state=_STATE_TO_PB[record.state],
+        progress=job_pb2.Progress(step=record.step, total_steps=record.total_steps),
+        artifacts=[artifact_to_pb(record.id, a) for a in record.artifacts],
+        attempt=record.attempt,
+        create_time=_timestamp(record.create_ms),
+        start_time=_timestamp(record.start_ms),
+        end_time=_timestamp(record.end_ms),
+    )
+    if record.error is not None:
+        job.error.CopyFrom(error_to_pb(record.error))
+    return job

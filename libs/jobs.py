@@ -1,0 +1,105 @@
+"""The job as every service sees it: plain values, no transport types.
+
+The gateway validates a `TextToImage`, the scheduler stores a `JobRecord`, and the worker runs the
+`TextToImage` it was assigned. Conversion to and from protobuf lives in `libs.convert`.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from dataclasses import dataclass, field
+
+_ULID_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+class State(enum.Enum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (State.SUCCEEDED, State.FAILED, State.CANCELLED)
+
+
+@dataclass(frozen=True)
+class TextToImage:
+    """A validated text-to-image request; every field is resolved (no defaults left to apply)."""
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    num_images: int
+
+    def image_seeds(self) -> list[int]:
+        """Image i is generated from seed + i, so each image can be reproduced on its own."""
+        return [self.seed + i for i in range(self.num_images)]
+
+
+@dataclass(frozen=True)
+class Artifact:
+    index: int
+    mime_type: str
+    size_bytes: int
+    sha256: str
+    seed: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class JobError:
+    """A terminal failure as the client sees it: a canonical code name, a message and a reason."""
+
+    code: str
+    message: str
+    reason: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    tenant: str
+    model: str
+    spec: TextToImage
+    state: State
+    step: int = 0
+    total_steps: int = 0
+    attempt: int = 0
+    create_ms: int = 0
+    start_ms: int = 0
+    end_ms: int = 0
+    artifacts: tuple[Artifact, ...] = ()
+    error: JobError | None = None
+    cancel_requested: bool = False
+
+    @property
+    def name(self) -> str:
+        return job_name(self.id)
+
+
+def job_name(job_id: str) -> str:
+    return f"jobs/{job_id}"
+
+
+def artifact_name(job_id: str, index: int) -> str:
+    return f"jobs/{job_id}/artifacts/{index}"
+
+
+def new_job_id() -> str:
+    """A 26-character, lexically time-ordered id (ULID layout), so listing by id lists by age."""
+    value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    chars = []
+    for _ in range(26):
+        chars.append(_ULID_ALPHABET[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))

@@ -1,0 +1,80 @@
+"""Every Redis key and channel Kiln uses, named in this one module.
+
+Hash tags keep the keys one script touches in one Redis Cluster slot:
+- `{t:<tenant>}`: a tenant's jobs, their event streams, artifacts and job index;
+- `{sched}`: the dispatch state shared by every scheduler (queues, leases, attempts);
+- `{k:<key id>}`: one API key.
+"""
+
+from __future__ import annotations
+
+PREFIX = "kiln"
+
+
+def _tenant(tenant: str) -> str:
+    return f"{PREFIX}:{{t:{tenant}}}"
+
+
+def job(tenant: str, job_id: str) -> str:
+    return f"{_tenant(tenant)}:job:{job_id}"
+
+
+def job_events(tenant: str, job_id: str) -> str:
+    return f"{_tenant(tenant)}:job:{job_id}:events"
+
+
+def artifact(tenant: str, job_id: str, index: int) -> str:
+    return f"{_tenant(tenant)}:job:{job_id}:artifact:{index}"
+
+
+def request_id(tenant: str, request_id: str) -> str:
+    """The job a `request_id` created, kept for a day so retries return the same job."""
+    return f"{_tenant(tenant)}:request:{request_id}"
+
+
+def tenant_jobs(tenant: str) -> str:
+    """Sorted set of the tenant's job ids, all at score 0 so ZRANGE BYLEX orders them by id (age)."""
+    return f"{_tenant(tenant)}:jobs"
+
+
+def queue(model: str) -> str:
+    """FIFO list of `<tenant> <job id>` entries waiting for a worker that serves `model`."""
+    return f"{PREFIX}:{{sched}}:queue:{model}"
+
+
+def leases() -> str:
+    """Sorted set of `<tenant> <job id>` scored by lease expiry (ms, Redis clock)."""
+    return f"{PREFIX}:{{sched}}:leases"
+
+
+def lease_owners() -> str:
+    """Hash `<tenant> <job id>` -> `<worker id> <attempt>` of the current lease holder."""
+    return f"{PREFIX}:{{sched}}:lease_owners"
+
+
+def attempts() -> str:
+    """Hash `<tenant> <job id>` -> attempts handed out so far (the fencing token)."""
+    return f"{PREFIX}:{{sched}}:attempts"
+
+
+def api_key(key_id: str) -> str:
+    return f"{PREFIX}:{{k:{key_id}}}:apikey"
+
+
+def api_key_index() -> str:
+    """Set of all key ids, for listing keys."""
+    return f"{PREFIX}:apikeys"
+
+
+# Pub/sub channels. Messages are hints only: every receiver re-reads the state they point at.
+WAKE_CHANNEL = f"{PREFIX}:wake"
+CANCEL_CHANNEL = f"{PREFIX}:cancel"
+
+
+def queue_entry(tenant: str, job_id: str) -> str:
+    return f"{tenant} {job_id}"
+
+
+def parse_queue_entry(entry: str) -> tuple[str, str]:
+    tenant, job_id = entry.split(" ", 1)
+    return tenant, job_id

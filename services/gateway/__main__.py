@@ -1,0 +1,5 @@
+import asyncio
+
+from services.gateway.app import main
+
+asyncio.run(main())

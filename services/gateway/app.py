@@ -1,0 +1,77 @@
+"""Wires the gateway together: API keys in Redis, the scheduler client, gRPC and REST servers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from aiohttp import web
+from kiln.scheduler.v1 import scheduler_service_pb2_grpc
+from kiln.v1 import job_service_pb2, job_service_pb2_grpc
+from redis.asyncio import Redis
+
+from libs.api_keys import ApiKeys
+from libs.serving import GRPC_OPTIONS, announce, configure_logging, start_grpc, wait_for_shutdown
+from libs.settings import GatewaySettings
+from services.gateway.auth import Authenticator
+from services.gateway.grpc_api import JobServiceServicer
+from services.gateway.jobs_api import JobsApi
+from services.gateway.openapi import build_openapi
+from services.gateway.rest import build_rest_app
+
+JOB_SERVICE = job_service_pb2.DESCRIPTOR.services_by_name["JobService"]
+
+
+class GatewayApp:
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.redis = Redis.from_url(settings.redis_url, max_connections=200)
+        self.channel = grpc.aio.insecure_channel(settings.scheduler_address, options=GRPC_OPTIONS)
+        self.api = JobsApi(scheduler_service_pb2_grpc.SchedulerServiceStub(self.channel), settings.catalog())
+        self.authenticate = Authenticator(ApiKeys(self.redis))
+        self.grpc_port = 0
+        self.http_port = 0
+        self._server: grpc.aio.Server | None = None
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        servicer = JobServiceServicer(self.api, self.authenticate)
+        self._server, self.grpc_port, _ = await start_grpc(
+            self.settings.gateway_host,
+            self.settings.gateway_grpc_port,
+            [lambda s: job_service_pb2_grpc.add_JobServiceServicer_to_server(servicer, s)],
+            [JOB_SERVICE.full_name],
+        )
+        openapi = build_openapi(JOB_SERVICE, title="Kiln API", version="v1")
+        app = build_rest_app(
+            JOB_SERVICE, self.api, self.authenticate, openapi, max_body_bytes=self.settings.max_body_bytes
+        )
+        self._runner = web.AppRunner(app, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.gateway_host, self.settings.gateway_http_port)
+        await site.start()
+        self.http_port = self._runner.addresses[0][1]
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.channel.close()
+        await self.redis.aclose()
+
+
+async def main() -> None:
+    settings = GatewaySettings()
+    configure_logging(settings.log_level)
+    app = GatewayApp(settings)
+    await app.start()
+    announce("gateway", grpc=app.grpc_port, http=app.http_port)
+    try:
+        await wait_for_shutdown()
+    finally:
+        await app.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,78 @@
+"""The public JobService, once for both transports: each method takes the authenticated principal
+and a `kiln.v1` request, and returns the response (or an async iterator of them for streams).
+
+The gRPC servicer and the REST edge both call these methods by their RPC names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from google.api import httpbody_pb2
+from kiln.scheduler.v1 import scheduler_service_pb2 as spb
+from kiln.scheduler.v1 import scheduler_service_pb2_grpc as spb_grpc
+from kiln.v1 import job_pb2
+from kiln.v1 import job_service_pb2 as pb
+
+from libs.api_keys import Principal
+from libs.catalog import ModelSpec
+from libs.convert import spec_to_pb
+from services.gateway.validation import resolve
+
+
+class JobsApi:
+    def __init__(self, scheduler: spb_grpc.SchedulerServiceStub, catalog: dict[str, ModelSpec]) -> None:
+        self._scheduler = scheduler
+        self._catalog = catalog
+
+    async def CreateJob(self, principal: Principal, request: pb.CreateJobRequest) -> pb.CreateJobResponse:
+        model, spec = resolve(request.job, self._catalog)
+        resolved = job_pb2.Job(model=model, text_to_image=spec_to_pb(spec))
+        reply = await self._scheduler.SubmitJob(
+            spb.SubmitJobRequest(tenant=principal.tenant, job=resolved, request_id=request.request_id)
+        )
+        return pb.CreateJobResponse(job=reply.job)
+
+    async def GetJob(self, principal: Principal, request: pb.GetJobRequest) -> pb.GetJobResponse:
+        reply = await self._scheduler.GetJob(spb.GetJobRequest(tenant=principal.tenant, name=request.name))
+        return pb.GetJobResponse(job=reply.job)
+
+    async def ListJobs(self, principal: Principal, request: pb.ListJobsRequest) -> pb.ListJobsResponse:
+        reply = await self._scheduler.ListJobs(
+            spb.ListJobsRequest(
+                tenant=principal.tenant, page_size=request.page_size, page_token=request.page_token
+            )
+        )
+        return pb.ListJobsResponse(jobs=reply.jobs, next_page_token=reply.next_page_token)
+
+    async def CancelJob(self, principal: Principal, request: pb.CancelJobRequest) -> pb.CancelJobResponse:
+        reply = await self._scheduler.CancelJob(
+            spb.CancelJobRequest(tenant=principal.tenant, name=request.name)
+        )
+        return pb.CancelJobResponse(job=reply.job)
+
+    async def WatchJob(
+        self, principal: Principal, request: pb.WatchJobRequest
+    ) -> AsyncIterator[pb.WatchJobResponse]:
+        call = self._scheduler.WatchJob(
+            spb.WatchJobRequest(
+                tenant=principal.tenant, name=request.name, after_event_id=request.after_event_id
+            )
+        )
+        try:
+            async for event in call:
+                yield pb.WatchJobResponse(event_id=event.event_id, job=event.job)
+        finally:
+            call.cancel()
+
+    async def ReadArtifact(
+        self, principal: Principal, request: pb.ReadArtifactRequest
+    ) -> AsyncIterator[httpbody_pb2.HttpBody]:
+        call = self._scheduler.ReadArtifact(
+            spb.ReadArtifactRequest(tenant=principal.tenant, name=request.name)
+        )
+        try:
+            async for chunk in call:
+                yield httpbody_pb2.HttpBody(content_type=chunk.mime_type, data=chunk.data)
+        finally:
+            call.cancel()

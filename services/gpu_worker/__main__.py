@@ -1,0 +1,5 @@
+import asyncio
+
+from services.gpu_worker.app import main
+
+asyncio.run(main())

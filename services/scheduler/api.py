@@ -1,0 +1,62 @@
+"""gRPC edge of the scheduler for the gateway: decode, call `Jobs`, encode."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from kiln.scheduler.v1 import scheduler_service_pb2 as pb
+from kiln.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
+
+from libs.convert import job_to_pb, spec_from_pb
+from libs.names import parse_artifact, parse_job
+from libs.rpc_status import grpc_boundary
+from services.scheduler.jobs import Jobs
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+class SchedulerApi(pb_grpc.SchedulerServiceServicer):
+    def __init__(self, jobs: Jobs) -> None:
+        self._jobs = jobs
+
+    @grpc_boundary
+    async def SubmitJob(self, request: pb.SubmitJobRequest, context: Ctx) -> pb.SubmitJobResponse:
+        record = await self._jobs.submit(
+            request.tenant,
+            request.job.model,
+            spec_from_pb(request.job.text_to_image),
+            request_id=request.request_id,
+        )
+        return pb.SubmitJobResponse(job=job_to_pb(record))
+
+    @grpc_boundary
+    async def GetJob(self, request: pb.GetJobRequest, context: Ctx) -> pb.GetJobResponse:
+        return pb.GetJobResponse(job=job_to_pb(await self._jobs.get(request.tenant, parse_job(request.name))))
+
+    @grpc_boundary
+    async def ListJobs(self, request: pb.ListJobsRequest, context: Ctx) -> pb.ListJobsResponse:
+        jobs, token = await self._jobs.list_jobs(request.tenant, request.page_size, request.page_token)
+        return pb.ListJobsResponse(jobs=[job_to_pb(j) for j in jobs], next_page_token=token)
+
+    @grpc_boundary
+    async def CancelJob(self, request: pb.CancelJobRequest, context: Ctx) -> pb.CancelJobResponse:
+        record = await self._jobs.cancel(request.tenant, parse_job(request.name))
+        return pb.CancelJobResponse(job=job_to_pb(record))
+
+    @grpc_boundary
+    async def WatchJob(self, request: pb.WatchJobRequest, context: Ctx) -> AsyncIterator[pb.WatchJobResponse]:
+        async for event_id, record in self._jobs.watch(
+            request.tenant, parse_job(request.name), request.after_event_id
+        ):
+            yield pb.WatchJobResponse(event_id=event_id, job=job_to_pb(record))
+
+    @grpc_boundary
+    async def ReadArtifact(
+        self, request: pb.ReadArtifactRequest, context: Ctx
+    ) -> AsyncIterator[pb.ReadArtifactResponse]:
+        job_id, index = parse_artifact(request.name)
+        mime_type, size, chunks = await self._jobs.artifact(request.tenant, job_id, index)
+        async for data in chunks:
+            yield pb.ReadArtifactResponse(data=data, mime_type=mime_type, size_bytes=size)

@@ -1,0 +1,78 @@
+"""Wires the scheduler together: Redis, the job store, queues, the hub and its gRPC services."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from kiln.scheduler.v1 import scheduler_service_pb2, scheduler_service_pb2_grpc
+from kiln.worker.v1 import worker_service_pb2, worker_service_pb2_grpc
+from redis.asyncio import Redis
+
+from libs.serving import announce, configure_logging, start_grpc, wait_for_shutdown
+from libs.settings import SchedulerSettings
+from services.scheduler.api import SchedulerApi
+from services.scheduler.hub import Hub
+from services.scheduler.jobs import Jobs
+from services.scheduler.queues import Queues
+from services.scheduler.scripts import Scripts
+from services.scheduler.store import JobStore
+from services.scheduler.worker_service import WorkerService
+
+
+class SchedulerApp:
+    def __init__(self, settings: SchedulerSettings) -> None:
+        self.settings = settings
+        self.redis = Redis.from_url(settings.redis_url, max_connections=1000)
+        scripts = Scripts(self.redis)
+        self.store = JobStore(
+            self.redis,
+            scripts,
+            job_ttl_s=settings.job_ttl_seconds,
+            artifact_ttl_s=settings.artifact_ttl_seconds,
+        )
+        self.queues = Queues(self.redis, scripts)
+        self.hub = Hub(self.redis)
+        self.jobs = Jobs(self.store, self.queues, self.hub)
+        self.workers = WorkerService(self.store, self.queues, self.hub, settings)
+        self.port = 0
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        await self.hub.start()
+        api = SchedulerApi(self.jobs)
+        self._server, self.port, _ = await start_grpc(
+            self.settings.scheduler_host,
+            self.settings.scheduler_port,
+            [
+                lambda s: scheduler_service_pb2_grpc.add_SchedulerServiceServicer_to_server(api, s),
+                lambda s: worker_service_pb2_grpc.add_WorkerServiceServicer_to_server(self.workers, s),
+            ],
+            [
+                scheduler_service_pb2.DESCRIPTOR.services_by_name["SchedulerService"].full_name,
+                worker_service_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+            ],
+        )
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+        await self.workers.drain()
+        await self.hub.stop()
+        await self.redis.aclose()
+
+
+async def main() -> None:
+    settings = SchedulerSettings()
+    configure_logging(settings.log_level)
+    app = SchedulerApp(settings)
+    await app.start()
+    announce("scheduler", grpc=app.port)
+    try:
+        await wait_for_shutdown()
+    finally:
+        await app.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

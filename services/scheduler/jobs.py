@@ -1,0 +1,56 @@
+"""What the scheduler does for the gateway: admit, look up, cancel, watch and read jobs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from libs.jobs import JobRecord, TextToImage
+from services.scheduler.hub import Hub
+from services.scheduler.queues import Queues
+from services.scheduler.store import JobStore
+
+ARTIFACT_CHUNK_BYTES = 1 << 20
+WATCH_BLOCK_MS = 5000
+
+
+class Jobs:
+    def __init__(self, store: JobStore, queues: Queues, hub: Hub) -> None:
+        self._store = store
+        self._queues = queues
+        self._hub = hub
+
+    async def submit(
+        self, tenant: str, model: str, spec: TextToImage, *, request_id: str = "", traceparent: str = ""
+    ) -> JobRecord:
+        record, created = await self._store.create(
+            tenant, model, spec, request_id=request_id, traceparent=traceparent
+        )
+        if created:
+            await self._queues.enqueue(tenant, record.id, model)
+        return record
+
+    async def get(self, tenant: str, job_id: str) -> JobRecord:
+        return await self._store.get(tenant, job_id)
+
+    async def list_jobs(self, tenant: str, page_size: int, page_token: str) -> tuple[list[JobRecord], str]:
+        return await self._store.list_jobs(tenant, page_size, page_token)
+
+    async def cancel(self, tenant: str, job_id: str) -> JobRecord:
+        record, running = await self._store.cancel(tenant, job_id)
+        if running:
+            await self._hub.publish_cancel(tenant, job_id)
+        else:
+            await self._queues.remove(tenant, job_id, record.model)
+        return record
+
+    def watch(self, tenant: str, job_id: str, after_event_id: str) -> AsyncIterator[tuple[str, JobRecord]]:
+        return self._store.events(tenant, job_id, after_event_id, WATCH_BLOCK_MS)
+
+    async def artifact(self, tenant: str, job_id: str, index: int) -> tuple[str, int, AsyncIterator[bytes]]:
+        """(mime type, size, chunks) of one artifact of a job that belongs to `tenant`."""
+        record = await self._store.get(tenant, job_id)
+        for artifact in record.artifacts:
+            if artifact.index == index:
+                chunks = self._store.artifact_chunks(tenant, job_id, index, ARTIFACT_CHUNK_BYTES)
+                return artifact.mime_type, artifact.size_bytes, chunks
+        return "", 0, self._store.artifact_chunks(tenant, job_id, index, ARTIFACT_CHUNK_BYTES)

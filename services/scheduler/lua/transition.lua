@@ -1,0 +1,46 @@
+-- Moves a job between states (or updates it in place), fenced by its attempt, and appends the
+-- resulting snapshot to its event stream. Optionally stores artifact blobs in the same step.
+-- KEYS: job, events, blob keys...
+-- ARGV[1] attempt condition: "" any, "=N" attempt must be N, "<N" attempt must be below N
+-- ARGV[2] allowed current states, comma separated (e.g. "QUEUED,RUNNING")
+-- ARGV[3] new state, "" to keep
+-- ARGV[4] timestamp field to set to now ("" for none)
+-- ARGV[5] TTL (s) for job and events once terminal, "0" for none
+-- ARGV[6] blob TTL (s); ARGV[7..6+#blobs] blob values, then field/value pairs
+local state = redis.call("HGET", KEYS[1], "state")
+if not state then return {"MISSING", ""} end
+local attempt = tonumber(redis.call("HGET", KEYS[1], "attempt") or "0")
+local cond = ARGV[1]
+if cond ~= "" then
+  local n = tonumber(string.sub(cond, 2))
+  if (string.sub(cond, 1, 1) == "=" and attempt ~= n) or (string.sub(cond, 1, 1) == "<" and attempt >= n) then
+    return {"STALE", tostring(attempt)}
+  end
+end
+local allowed = false
+for s in string.gmatch(ARGV[2], "[^,]+") do
+  if s == state then allowed = true end
+end
+if not allowed then return {"STATE", state} end
+local nblobs = #KEYS - 2
+for i = 1, nblobs do
+  redis.call("SET", KEYS[2 + i], ARGV[6 + i], "EX", tonumber(ARGV[6]))
+end
+local fields = {}
+for i = 7 + nblobs, #ARGV do fields[#fields + 1] = ARGV[i] end
+if ARGV[3] ~= "" then
+  fields[#fields + 1] = "state"
+  fields[#fields + 1] = ARGV[3]
+end
+if ARGV[4] ~= "" then
+  local t = redis.call("TIME")
+  fields[#fields + 1] = ARGV[4]
+  fields[#fields + 1] = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+if #fields > 0 then redis.call("HSET", KEYS[1], unpack(fields)) end
+redis.call("XADD", KEYS[2], "*", unpack(redis.call("HGETALL", KEYS[1])))
+if ARGV[5] ~= "0" then
+  redis.call("EXPIRE", KEYS[1], tonumber(ARGV[5]))
+  redis.call("EXPIRE", KEYS[2], tonumber(ARGV[5]))
+end
+return {"OK", ARGV[3] ~= "" and ARGV[3] or state}

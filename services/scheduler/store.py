@@ -1,0 +1,267 @@
+"""The job store: jobs, their event streams and artifacts in Redis, changed only by Lua scripts."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from libs import redis_keys as keys
+from libs.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
+from libs.jobs import Artifact, JobError, JobRecord, State, TextToImage, new_job_id
+from services.scheduler import records
+from services.scheduler.scripts import Scripts
+
+REQUEST_ID_TTL_S = 24 * 3600
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 50
+_EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")
+TERMINAL = ",".join(s.value for s in State if s.terminal)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a fenced transition found: `ok`, or the state/attempt that refused it."""
+
+    ok: bool
+    detail: str
+
+
+class JobStore:
+    def __init__(self, redis: Redis, scripts: Scripts, *, job_ttl_s: int, artifact_ttl_s: int) -> None:
+        self._redis = redis
+        self._scripts = scripts
+        self._job_ttl_s = job_ttl_s
+        self._artifact_ttl_s = artifact_ttl_s
+
+    async def create(
+        self, tenant: str, model: str, spec: TextToImage, *, request_id: str = "", traceparent: str = ""
+    ) -> tuple[JobRecord, bool]:
+        """Returns the job and whether it is new (False: replayed for the same request_id)."""
+        job_id = new_job_id()
+        fingerprint = hashlib.sha256(
+            json.dumps([model, dataclasses.asdict(spec)], sort_keys=True).encode()
+        ).hexdigest()
+        fields = records.new_job_fields(job_id, tenant, model, spec, traceparent)
+        flat = [item for pair in fields.items() for item in pair]
+        request_key = keys.request_id(tenant, request_id)
+        result = await self._scripts.create_job(
+            keys=[
+                keys.job(tenant, job_id),
+                keys.job_events(tenant, job_id),
+                keys.tenant_jobs(tenant),
+                request_key,
+            ],
+            args=[job_id, str(REQUEST_ID_TTL_S if request_id else 0), fingerprint, *flat],
+        )
+        status, found_id = (v.decode() for v in result)
+        if status == "MISMATCH":
+            raise FailedPrecondition(
+                f"request_id {request_id!r} was already used for a different job",
+                reason="REQUEST_ID_REUSED",
+                metadata={"request_id": request_id, "job": f"jobs/{found_id}"},
+            )
+        if status == "DUPLICATE_ID":
+            raise Internal(f"job id collision on {found_id}")
+        return await self.get(tenant, found_id), status == "CREATED"
+
+    async def get(self, tenant: str, job_id: str) -> JobRecord:
+        raw: dict[bytes, bytes] = await self._redis.hgetall(keys.job(tenant, job_id))  # type: ignore[assignment]
+        if not raw or b"spec" not in raw:
+            raise NotFound(
+                f"jobs/{job_id} not found", reason="JOB_NOT_FOUND", metadata={"name": f"jobs/{job_id}"}
+            )
+        return records.from_fields(records.decode(raw))
+
+    async def list_jobs(self, tenant: str, page_size: int, page_token: str) -> tuple[list[JobRecord], str]:
+        size = DEFAULT_PAGE_SIZE if page_size <= 0 else min(page_size, MAX_PAGE_SIZE)
+        start = b"+"
+        if page_token:
+            try:
+                start = b"(" + base64.urlsafe_b64decode(page_token.encode())
+            except (binascii.Error, ValueError):
+                raise InvalidArgument.field("page_token", "is not a token returned by ListJobs") from None
+        ids: list[bytes] = await self._redis.zrange(  # type: ignore[assignment]
+            keys.tenant_jobs(tenant), start, b"-", bylex=True, desc=True, offset=0, num=size
+        )
+        jobs: list[JobRecord] = []
+        if ids:
+            pipe = self._redis.pipeline(transaction=False)
+            for raw_id in ids:
+                pipe.hgetall(keys.job(tenant, raw_id.decode()))
+            for raw_id, raw in zip(ids, await pipe.execute(), strict=True):
+                if raw and b"spec" in raw:
+                    jobs.append(records.from_fields(records.decode(raw)))
+                else:  # expired: drop the dangling index entry
+                    await self._redis.zrem(keys.tenant_jobs(tenant), raw_id)
+        token = base64.urlsafe_b64encode(ids[-1]).decode() if len(ids) == size else ""
+        return jobs, token
+
+    async def transition(
+        self,
+        tenant: str,
+        job_id: str,
+        *,
+        attempt: str = "",
+        allowed: str,
+        new_state: State | None = None,
+        stamp: str = "",
+        fields: dict[str, str] | None = None,
+        blobs: Sequence[tuple[str, bytes]] = (),
+    ) -> Outcome:
+        terminal = new_state is not None and new_state.terminal
+        flat = [item for pair in (fields or {}).items() for item in pair]
+        result = await self._scripts.transition(
+            keys=[keys.job(tenant, job_id), keys.job_events(tenant, job_id), *(k for k, _ in blobs)],
+            args=[
+                attempt,
+                allowed,
+                new_state.value if new_state else "",
+                stamp,
+                str(self._job_ttl_s if terminal else 0),
+                str(self._artifact_ttl_s),
+                *(b for _, b in blobs),
+                *flat,
+            ],
+        )
+        status, detail = (v.decode() for v in result)
+        return Outcome(status == "OK", detail)
+
+    async def cancel(self, tenant: str, job_id: str) -> tuple[JobRecord, bool]:
+        """Cancels a queued job outright; flags a running one. Returns (job, was_running)."""
+        cancelled = JobError("CANCELLED", "cancelled by the client", "CANCELLED")
+        outcome = await self.transition(
+            tenant,
+            job_id,
+            allowed=State.QUEUED.value,
+            new_state=State.CANCELLED,
+            stamp="end_ms",
+            fields={"error": records.error_field(cancelled)},
+        )
+        running = False
+        if not outcome.ok and outcome.detail == State.RUNNING.value:
+            outcome = await self.transition(
+                tenant, job_id, allowed=State.RUNNING.value, fields={"cancel_requested": "1"}
+            )
+            running = outcome.ok
+        if not outcome.ok and outcome.detail in TERMINAL.split(","):
+            raise FailedPrecondition(
+                f"jobs/{job_id} already ended in state {outcome.detail}",
+                reason="JOB_ALREADY_ENDED",
+                metadata={"name": f"jobs/{job_id}", "state": outcome.detail},
+            )
+        if not outcome.ok and outcome.detail == "":
+            await self.get(tenant, job_id)  # raises NotFound
+        return await self.get(tenant, job_id), running
+
+    async def start(self, tenant: str, job_id: str, attempt: int, worker_id: str) -> Outcome:
+        return await self.transition(
+            tenant,
+            job_id,
+            attempt=f"<{attempt}",
+            allowed=State.QUEUED.value,
+            new_state=State.RUNNING,
+            stamp="start_ms",
+            fields={"attempt": str(attempt), "worker": worker_id, "step": "0"},
+        )
+
+    async def progress(self, tenant: str, job_id: str, attempt: int, step: int, total: int) -> Outcome:
+        return await self.transition(
+            tenant,
+            job_id,
+            attempt=f"={attempt}",
+            allowed=State.RUNNING.value,
+            fields={"step": str(step), "total_steps": str(total)},
+        )
+
+    async def succeed(
+        self, tenant: str, job_id: str, attempt: int, images: list[tuple[Artifact, bytes]]
+    ) -> Outcome:
+        return await self.transition(
+            tenant,
+            job_id,
+            attempt=f"={attempt}",
+            allowed=State.RUNNING.value,
+            new_state=State.SUCCEEDED,
+            stamp="end_ms",
+            fields={"artifacts": records.artifacts_field([a for a, _ in images])},
+            blobs=[(keys.artifact(tenant, job_id, a.index), data) for a, data in images],
+        )
+
+    async def fail(self, tenant: str, job_id: str, attempt: int, error: JobError) -> Outcome:
+        return await self.transition(
+            tenant,
+            job_id,
+            attempt=f"={attempt}",
+            allowed=State.RUNNING.value,
+            new_state=State.FAILED,
+            stamp="end_ms",
+            fields={"error": records.error_field(error)},
+        )
+
+    async def cancelled(self, tenant: str, job_id: str, attempt: int, step: int) -> Outcome:
+        error = JobError("CANCELLED", f"cancelled by the client after step {step}", "CANCELLED")
+        return await self.transition(
+            tenant,
+            job_id,
+            attempt=f"={attempt}",
+            allowed=State.RUNNING.value,
+            new_state=State.CANCELLED,
+            stamp="end_ms",
+            fields={"error": records.error_field(error), "step": str(step)},
+        )
+
+    async def back_to_queue(self, tenant: str, job_id: str, attempt: int) -> Outcome:
+        """A worker went away mid-job: the job waits for the next one."""
+        return await self.transition(
+            tenant,
+            job_id,
+            attempt=f"={attempt}",
+            allowed=State.RUNNING.value,
+            new_state=State.QUEUED,
+            fields={"step": "0", "worker": ""},
+        )
+
+    async def events(
+        self, tenant: str, job_id: str, after: str, block_ms: int
+    ) -> AsyncIterator[tuple[str, JobRecord]]:
+        """Yields (event id, snapshot) from after `after`; ends after a terminal snapshot."""
+        if after and not _EVENT_ID.fullmatch(after):
+            raise InvalidArgument.field(
+                "after_event_id", f"must be an event id like 1700000000000-0, got {after!r}"
+            )
+        await self.get(tenant, job_id)
+        stream = keys.job_events(tenant, job_id)
+        last = after or "0-0"
+        while True:
+            reply: Any = await self._redis.xread({stream: last}, block=block_ms, count=100)
+            for _, entries in reply:
+                for raw_id, raw in entries:
+                    last = raw_id.decode()
+                    record = records.from_fields(records.decode(raw))
+                    yield last, record
+                    if record.state.terminal:
+                        return
+            if not reply and not await self._redis.exists(stream):
+                return  # expired while we watched
+
+    async def artifact_chunks(self, tenant: str, job_id: str, index: int, chunk: int) -> AsyncIterator[bytes]:
+        key = keys.artifact(tenant, job_id, index)
+        size = int(await self._redis.strlen(key))
+        if not size:
+            raise NotFound(
+                f"jobs/{job_id}/artifacts/{index} not found",
+                reason="ARTIFACT_NOT_FOUND",
+                metadata={"name": f"jobs/{job_id}/artifacts/{index}"},
+            )
+        for offset in range(0, size, chunk):
+            data: bytes = await self._redis.getrange(key, offset, min(offset + chunk, size) - 1)  # type: ignore[assignment]
+            yield data

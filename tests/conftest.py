@@ -1,0 +1,103 @@
+"""Shared fixtures: a private Redis server, and the whole suite running in this process on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from libs.api_keys import ApiKeys
+from libs.catalog import ModelSpec
+from libs.redis_server import RedisServer
+from libs.settings import GatewaySettings, SchedulerSettings, WorkerSettings
+from services.gateway.app import GatewayApp
+from services.gpu_worker.app import WorkerApp
+from services.scheduler.app import SchedulerApp
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"), appendonly=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def local_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-sd saved as an ordinary diffusers directory, so `from_pretrained` is exercised."""
+    from services.gpu_worker.tiny_sd import build_tiny_sd
+
+    path = tmp_path_factory.mktemp("models") / "local-tiny"
+    build_tiny_sd().save_pretrained(path)
+    return path
+
+
+@dataclass
+class Stack:
+    redis_url: str
+    grpc_target: str
+    http_base: str
+    key_a: str
+    key_b: str
+    scheduler: SchedulerApp
+    worker: WorkerApp
+    gateway: GatewayApp
+
+
+@pytest.fixture(scope="session")
+async def stack(redis_server: RedisServer, local_model_dir: Path) -> AsyncIterator[Stack]:
+    url = redis_server.url
+    models = {
+        "local-tiny": ModelSpec(
+            source=str(local_model_dir), size_multiple=16, default_size=64, default_steps=4
+        )
+    }
+    scheduler = SchedulerApp(SchedulerSettings(redis_url=url, scheduler_port=0, dispatch_poll_seconds=0.2))
+    await scheduler.start()
+    address = f"127.0.0.1:{scheduler.port}"
+    worker = WorkerApp(
+        WorkerSettings(
+            redis_url=url,
+            scheduler_address=address,
+            worker_slots=2,
+            worker_id="test-worker",
+            models=models,
+            worker_models=["tiny-sd", "local-tiny"],
+        )
+    )
+    await worker.start()
+    assert worker.link is not None
+    gateway = GatewayApp(
+        GatewaySettings(
+            redis_url=url, scheduler_address=address, gateway_grpc_port=0, gateway_http_port=0, models=models
+        )
+    )
+    await gateway.start()
+    redis = Redis.from_url(url)
+    keys = ApiKeys(redis)
+    key_a, key_b = await keys.create("tenant-a"), await keys.create("tenant-b")
+    await redis.aclose()
+    await asyncio.wait_for(worker.link.connected.wait(), timeout=30)
+    yield Stack(
+        url,
+        f"127.0.0.1:{gateway.grpc_port}",
+        f"http://127.0.0.1:{gateway.http_port}",
+        key_a,
+        key_b,
+        scheduler,
+        worker,
+        gateway,
+    )
+    await gateway.stop(1)
+    await worker.stop()
+    await scheduler.stop(1)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent
