@@ -1,7 +1,8 @@
 """`kiln up` (`make run`): Redis, the scheduler, one tiny-sd worker and the gateway, on this machine.
 
 Without KILN_REDIS_URL it starts a private redis-server with AOF under `.kiln/`. It creates a
-development API key and prints it with examples, then runs until Ctrl-C.
+development API key and prints it with examples, then runs until Ctrl-C. The benchmarks start the
+same stack through `LocalStack`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import os
 import signal
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from redis.asyncio import Redis
@@ -20,22 +22,84 @@ from libs.redis_server import RedisServer
 
 STATE_DIR = Path(".kiln")
 REDIS_URL_FILE = STATE_DIR / "redis.url"
+SERVICES = ("services.scheduler", "services.gpu_worker", "services.gateway")
 
 
-async def _start(module: str, env: dict[str, str]) -> tuple[asyncio.subprocess.Process, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", module, env=env, stdout=asyncio.subprocess.PIPE
-    )
+@dataclass
+class LocalStack:
+    http_port: int
+    grpc_port: int
+    scheduler_port: int
+    state_dir: Path = STATE_DIR
+    api_key: str = ""
+    redis_url: str = ""
+    procs: list[asyncio.subprocess.Process] = field(default_factory=list)
+    _redis_server: RedisServer | None = None
+
+    async def start(self) -> None:
+        self.state_dir.mkdir(exist_ok=True)  # noqa: ASYNC240 - once, before anything runs
+        self.redis_url = os.environ.get("KILN_REDIS_URL", "")
+        if not self.redis_url:
+            self._redis_server = RedisServer((self.state_dir / "redis").resolve(), appendonly=True)
+            self._redis_server.start()
+            self.redis_url = self._redis_server.url
+        (self.state_dir / "redis.url").write_text(self.redis_url)  # noqa: ASYNC240
+        env = {
+            **os.environ,
+            "KILN_REDIS_URL": self.redis_url,
+            "KILN_SCHEDULER_PORT": str(self.scheduler_port),
+            "KILN_SCHEDULER_ADDRESS": f"127.0.0.1:{self.scheduler_port}",
+            "KILN_GATEWAY_HTTP_PORT": str(self.http_port),
+            "KILN_GATEWAY_GRPC_PORT": str(self.grpc_port),
+        }
+        for module in SERVICES:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", module, env=env, stdout=asyncio.subprocess.PIPE
+            )
+            self.procs.append(proc)
+            print(await _ready_line(module, proc), file=sys.stderr)
+        redis = Redis.from_url(self.redis_url)
+        try:
+            self.api_key = await ApiKeys(redis).create("dev")
+        finally:
+            await redis.aclose()
+
+    async def wait(self) -> None:
+        """Returns on Ctrl-C / SIGTERM, or when any service exits on its own."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        waiters = [asyncio.create_task(p.wait()) for p in self.procs]
+        waiters.append(asyncio.create_task(stop.wait()))
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in waiters:
+            waiter.cancel()
+
+    async def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.returncode is None:
+                proc.terminate()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), timeout=10)
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+        if self._redis_server is not None:
+            self._redis_server.stop()
+
+
+async def _ready_line(module: str, proc: asyncio.subprocess.Process) -> str:
     assert proc.stdout is not None
     while True:
         line = (await asyncio.wait_for(proc.stdout.readline(), timeout=120)).decode()
         if not line:
             raise SystemExit(f"{module} exited with {await proc.wait()} before it was ready")
         if line.startswith("KILN_READY"):
-            return proc, line.strip()
+            return line.strip()
 
 
-def _banner(key: str, http_port: str, grpc_port: str) -> str:
+def _banner(key: str, http_port: int, grpc_port: int) -> str:
     return f"""
 Kiln is running.
   REST  http://127.0.0.1:{http_port}   (OpenAPI: /openapi.json)
@@ -55,49 +119,10 @@ Ctrl-C stops everything.
 
 
 async def run_stack(http_port: int = 8080, grpc_port: int = 50051, scheduler_port: int = 50052) -> None:
-    STATE_DIR.mkdir(exist_ok=True)  # noqa: ASYNC240 - once, before anything runs
-    redis_server: RedisServer | None = None
-    redis_url = os.environ.get("KILN_REDIS_URL")
-    if not redis_url:
-        redis_server = RedisServer((STATE_DIR / "redis").resolve(), appendonly=True)
-        redis_server.start()
-        redis_url = redis_server.url
-    REDIS_URL_FILE.write_text(redis_url)
-    env = {
-        **os.environ,
-        "KILN_REDIS_URL": redis_url,
-        "KILN_SCHEDULER_PORT": str(scheduler_port),
-        "KILN_SCHEDULER_ADDRESS": f"127.0.0.1:{scheduler_port}",
-        "KILN_GATEWAY_HTTP_PORT": str(http_port),
-        "KILN_GATEWAY_GRPC_PORT": str(grpc_port),
-    }
-    procs: list[asyncio.subprocess.Process] = []
+    stack = LocalStack(http_port, grpc_port, scheduler_port)
     try:
-        for module in ("services.scheduler", "services.gpu_worker", "services.gateway"):
-            proc, ready = await _start(module, env)
-            procs.append(proc)
-            print(ready, file=sys.stderr)
-        redis = Redis.from_url(redis_url)
-        key = await ApiKeys(redis).create("dev")
-        await redis.aclose()
-        print(_banner(key, str(http_port), str(grpc_port)), flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        waiters = [asyncio.create_task(p.wait()) for p in procs]
-        stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait([*waiters, stopper], return_when=asyncio.FIRST_COMPLETED)
-        for w in waiters:
-            w.cancel()
-        stopper.cancel()
+        await stack.start()
+        print(_banner(stack.api_key, http_port, grpc_port), flush=True)
+        await stack.wait()
     finally:
-        for proc in reversed(procs):
-            if proc.returncode is None:
-                proc.terminate()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(proc.wait(), timeout=10)
-                if proc.returncode is None:
-                    proc.kill()
-        if redis_server is not None:
-            redis_server.stop()
+        await stack.stop()
