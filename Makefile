@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kiln-installed
 BUF := node_modules/.bin/buf
 
-.PHONY: run test deps redis protos lint typecheck bench clean
+.PHONY: run test deps redis protos descriptor lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ deps: $(STAMP) $(BUF) redis
 
 protos: $(STAMP)
 	$(PY) tools/gen_protos.py
+
+descriptor: $(STAMP)
+	$(PY) tools/gen_protos.py --descriptor-out k8s/kiln.pb
 
 run: $(STAMP) redis
 	$(VENV)/bin/kiln up

@@ -19,8 +19,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
-
 from kiln.v1 import job_pb2
+
 from libs.cli.devstack import LocalStack
 from libs.jobs import TextToImage
 from libs.redis_server import free_port
@@ -55,8 +55,10 @@ async def via_grpc(client: KilnClient) -> None:
 
 async def via_rest(http: aiohttp.ClientSession, base: str, key: str) -> None:
     headers = {"Authorization": f"Bearer {key}"}
-    body = {"model": "tiny-sd", "textToImage": {"prompt": SPEC.prompt, "width": 64, "height": 64, "steps": 4,
-                                                "seed": str(SPEC.seed)}}
+    body = {
+        "model": "tiny-sd",
+        "textToImage": {"prompt": SPEC.prompt, "width": 64, "height": 64, "steps": 4, "seed": str(SPEC.seed)},
+    }
     async with http.post(f"{base}/v1/jobs", json=body, headers=headers) as resp:
         name = (await resp.json())["name"]
     async with http.get(f"{base}/v1/{name}:watch", headers=headers) as resp:

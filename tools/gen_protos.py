@@ -64,6 +64,24 @@ def generate(out: Path) -> None:
     (out / "py.typed").touch()
 
 
+def write_descriptor(path: Path) -> None:
+    """A FileDescriptorSet with imports, for Envoy's gRPC-JSON transcoder."""
+    deps = lay_out_deps()
+    well_known = Path(str(resources.files("grpc_tools") / "_proto"))
+    sources = sorted(str(p.relative_to(PROTOS)) for p in (PROTOS / "kiln" / "v1").glob("*.proto"))
+    args = [
+        "grpc_tools.protoc",
+        f"-I{PROTOS}",
+        f"-I{deps}",
+        f"-I{well_known}",
+        "--include_imports",
+        f"--descriptor_set_out={path}",
+        *sources,
+    ]
+    if protoc.main(args) != 0:
+        raise SystemExit("protoc failed")
+
+
 def tree(root: Path) -> dict[str, Path]:
     return {
         str(p.relative_to(root)): p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
@@ -90,7 +108,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true")
     parser.add_argument("--deps-only", action="store_true")
+    parser.add_argument("--descriptor-out", type=Path, help="write a descriptor set for Envoy instead")
     args = parser.parse_args()
+    if args.descriptor_out:
+        write_descriptor(args.descriptor_out)
+        return 0
     if args.deps_only:
         lay_out_deps()
         return 0

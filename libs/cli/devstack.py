@@ -37,13 +37,13 @@ class LocalStack:
     _redis_server: RedisServer | None = None
 
     async def start(self) -> None:
-        self.state_dir.mkdir(exist_ok=True)  # noqa: ASYNC240 - once, before anything runs
+        self.state_dir.mkdir(exist_ok=True)
         self.redis_url = os.environ.get("KILN_REDIS_URL", "")
         if not self.redis_url:
             self._redis_server = RedisServer((self.state_dir / "redis").resolve(), appendonly=True)
             self._redis_server.start()
             self.redis_url = self._redis_server.url
-        (self.state_dir / "redis.url").write_text(self.redis_url)  # noqa: ASYNC240
+        (self.state_dir / "redis.url").write_text(self.redis_url)
         env = {
             **os.environ,
             "KILN_REDIS_URL": self.redis_url,
