@@ -81,6 +81,8 @@ class JobRecord:
     artifacts: tuple[Artifact, ...] = ()
     error: JobError | None = None
     cancel_requested: bool = False
+    # W3C trace context of the request that created the job.
+    traceparent: str = ""
 
     @property
     def name(self) -> str:

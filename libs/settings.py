@@ -26,6 +26,8 @@ class CommonSettings(BaseSettings):
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     log_level: str = "INFO"
+    # "none", "console", or "otlp" (configured by the standard OTEL_EXPORTER_OTLP_* variables).
+    otel_exporter: str = "none"
     models: dict[str, ModelSpec] = Field(default_factory=dict)
 
     @classmethod

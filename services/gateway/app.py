@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from libs.api_keys import ApiKeys
 from libs.serving import GRPC_OPTIONS, announce, configure_logging, start_grpc, wait_for_shutdown
 from libs.settings import GatewaySettings
+from libs.telemetry import setup_tracing
 from services.gateway.auth import Authenticator
 from services.gateway.grpc_api import JobServiceServicer
 from services.gateway.jobs_api import JobsApi
@@ -64,6 +65,7 @@ class GatewayApp:
 async def main() -> None:
     settings = GatewaySettings()
     configure_logging(settings.log_level)
+    setup_tracing("kiln-gateway", settings.otel_exporter)
     app = GatewayApp(settings)
     await app.start()
     announce("gateway", grpc=app.grpc_port, http=app.http_port)

@@ -13,10 +13,12 @@ from kiln.scheduler.v1 import scheduler_service_pb2 as spb
 from kiln.scheduler.v1 import scheduler_service_pb2_grpc as spb_grpc
 from kiln.v1 import job_pb2
 from kiln.v1 import job_service_pb2 as pb
+from opentelemetry.trace import SpanKind
 
 from libs.api_keys import Principal
 from libs.catalog import ModelSpec
 from libs.convert import spec_to_pb
+from libs.telemetry import current_traceparent, tracer
 from services.gateway.validation import resolve
 
 
@@ -26,12 +28,22 @@ class JobsApi:
         self._catalog = catalog
 
     async def CreateJob(self, principal: Principal, request: pb.CreateJobRequest) -> pb.CreateJobResponse:
-        model, spec = resolve(request.job, self._catalog)
-        resolved = job_pb2.Job(model=model, text_to_image=spec_to_pb(spec))
-        reply = await self._scheduler.SubmitJob(
-            spb.SubmitJobRequest(tenant=principal.tenant, job=resolved, request_id=request.request_id)
-        )
-        return pb.CreateJobResponse(job=reply.job)
+        with tracer(__name__).start_as_current_span(
+            "CreateJob", kind=SpanKind.SERVER, attributes={"kiln.tenant": principal.tenant}
+        ) as span:
+            model, spec = resolve(request.job, self._catalog)
+            span.set_attribute("kiln.model", model)
+            resolved = job_pb2.Job(model=model, text_to_image=spec_to_pb(spec))
+            reply = await self._scheduler.SubmitJob(
+                spb.SubmitJobRequest(
+                    tenant=principal.tenant,
+                    job=resolved,
+                    request_id=request.request_id,
+                    traceparent=current_traceparent(),
+                )
+            )
+            span.set_attribute("kiln.job", reply.job.name)
+            return pb.CreateJobResponse(job=reply.job)
 
     async def GetJob(self, principal: Principal, request: pb.GetJobRequest) -> pb.GetJobResponse:
         reply = await self._scheduler.GetJob(spb.GetJobRequest(tenant=principal.tenant, name=request.name))

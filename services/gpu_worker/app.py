@@ -9,6 +9,7 @@ import socket
 
 from libs.serving import announce, configure_logging, wait_for_shutdown
 from libs.settings import WorkerSettings
+from libs.telemetry import setup_tracing
 from services.gpu_worker.link import WorkerLink
 from services.gpu_worker.runner import ModelLoadError, PipelineRunner
 from services.gpu_worker.thread_runner import ThreadRunner, detect_device
@@ -52,6 +53,7 @@ class WorkerApp:
 async def main() -> None:
     settings = WorkerSettings()
     configure_logging(settings.log_level)
+    setup_tracing("kiln-gpu-worker", settings.otel_exporter)
     app = WorkerApp(settings)
     await app.start()
     announce("gpu_worker", slots=settings.worker_slots)

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 import grpc
 from kiln.worker.v1 import worker_service_pb2 as pb
 from kiln.worker.v1 import worker_service_pb2_grpc as pb_grpc
+from opentelemetry.trace import StatusCode
 
 from libs.convert import error_to_pb, spec_from_pb
 from libs.jobs import JobError
 from libs.serving import GRPC_OPTIONS
+from libs.telemetry import context_from, tracer
 from services.gpu_worker.runner import Cancelled, Image, ModelLoadError, PipelineRunner
 
 log = logging.getLogger(__name__)
@@ -123,30 +125,47 @@ class WorkerLink:
             )
             loop.call_soon_threadsafe(outbox.put_nowait, msg)
 
-        try:
-            images = await self._runner.run(
-                assignment.model, spec_from_pb(assignment.text_to_image), on_step, cancel
-            )
-        except Cancelled as exc:
-            outbox.put_nowait(
-                pb.ConnectRequest(cancelled=pb.JobCancelled(job_id=job_id, attempt=attempt, step=exc.step))
-            )
-        except ModelLoadError as exc:
-            self._fail(
-                outbox,
-                job_id,
-                attempt,
-                JobError("UNAVAILABLE", str(exc), "MODEL_LOAD_FAILED", {"model": assignment.model}),
-            )
-        except Exception:
-            log.exception("job %s attempt %d failed", job_id, attempt)
-            self._fail(outbox, job_id, attempt, JobError("INTERNAL", "the pipeline failed", "PIPELINE_ERROR"))
-        else:
-            self._send_images(outbox, job_id, attempt, images)
-        finally:
-            running = self._running.get(job_id)
-            if running is not None and running.attempt == attempt:
-                del self._running[job_id]
+        spec = spec_from_pb(assignment.text_to_image)
+        attributes: dict[str, str | int] = {
+            "kiln.job": f"jobs/{job_id}",
+            "kiln.attempt": attempt,
+            "kiln.model": assignment.model,
+            "kiln.worker": self.worker_id,
+            "kiln.width": spec.width,
+            "kiln.height": spec.height,
+            "kiln.steps": spec.steps,
+            "kiln.num_images": spec.num_images,
+        }
+        with tracer(__name__).start_as_current_span(
+            "run", context=context_from(assignment.traceparent), attributes=attributes
+        ) as span:
+            try:
+                images = await self._runner.run(assignment.model, spec, on_step, cancel)
+            except Cancelled as exc:
+                span.set_attribute("kiln.outcome", "cancelled")
+                outbox.put_nowait(
+                    pb.ConnectRequest(
+                        cancelled=pb.JobCancelled(job_id=job_id, attempt=attempt, step=exc.step)
+                    )
+                )
+            except ModelLoadError as exc:
+                span.set_status(StatusCode.ERROR, "MODEL_LOAD_FAILED")
+                error = JobError("UNAVAILABLE", str(exc), "MODEL_LOAD_FAILED", {"model": assignment.model})
+                self._fail(outbox, job_id, attempt, error)
+            except Exception as exc:
+                log.exception("job %s attempt %d failed", job_id, attempt)
+                span.record_exception(exc)
+                span.set_status(StatusCode.ERROR, "PIPELINE_ERROR")
+                self._fail(
+                    outbox, job_id, attempt, JobError("INTERNAL", "the pipeline failed", "PIPELINE_ERROR")
+                )
+            else:
+                span.set_attribute("kiln.outcome", "succeeded")
+                self._send_images(outbox, job_id, attempt, images)
+            finally:
+                running = self._running.get(job_id)
+                if running is not None and running.attempt == attempt:
+                    del self._running[job_id]
 
     @staticmethod
     def _fail(outbox: asyncio.Queue[pb.ConnectRequest], job_id: str, attempt: int, error: JobError) -> None:

@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from libs.serving import announce, configure_logging, start_grpc, wait_for_shutdown
 from libs.settings import SchedulerSettings
+from libs.telemetry import setup_tracing
 from services.scheduler.api import SchedulerApi
 from services.scheduler.hub import Hub
 from services.scheduler.jobs import Jobs
@@ -65,6 +66,7 @@ class SchedulerApp:
 async def main() -> None:
     settings = SchedulerSettings()
     configure_logging(settings.log_level)
+    setup_tracing("kiln-scheduler", settings.otel_exporter)
     app = SchedulerApp(settings)
     await app.start()
     announce("scheduler", grpc=app.port)

@@ -53,6 +53,7 @@ def from_fields(fields: dict[str, str]) -> JobRecord:
         artifacts=tuple(Artifact(**a) for a in json.loads(fields.get("artifacts") or "[]")),
         error=JobError(**error) if error else None,
         cancel_requested=fields.get("cancel_requested") == "1",
+        traceparent=fields.get("traceparent", ""),
     )
 
 

@@ -14,6 +14,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 from libs.jobs import Artifact, JobError, JobRecord
+from libs.telemetry import context_from, traceparent_of, tracer
 from services.scheduler.hub import Hub
 from services.scheduler.queues import Queues
 from services.scheduler.store import JobStore, Outcome
@@ -35,6 +36,7 @@ class AssignJob:
     record: JobRecord
     attempt: int
     lease_expire_ms: int
+    traceparent: str
 
 
 @dataclass(frozen=True)
@@ -115,8 +117,28 @@ class WorkerLink:
         self._credits -= 1
         self._active[claim.job_id] = ActiveJob(claim.tenant, claim.job_id, claim.attempt, record.model)
         self._hub.running(claim.tenant, claim.job_id, self)
-        self.outbox.put_nowait(AssignJob(record, claim.attempt, claim.lease_expire_ms))
+        self.outbox.put_nowait(
+            AssignJob(
+                record, claim.attempt, claim.lease_expire_ms, self._trace_queue_wait(record, claim.attempt)
+            )
+        )
         return True
+
+    def _trace_queue_wait(self, record: JobRecord, attempt: int) -> str:
+        """A span from creation to dispatch, in the job's trace; the worker's span hangs off it."""
+        span = tracer(__name__).start_span(
+            "queued",
+            context=context_from(record.traceparent),
+            start_time=record.create_ms * 1_000_000,
+            attributes={
+                "kiln.job": record.name,
+                "kiln.attempt": attempt,
+                "kiln.model": record.model,
+                "kiln.worker": self.worker_id,
+            },
+        )
+        span.end()
+        return traceparent_of(span)
 
     # Reports ------------------------------------------------------------------------------------
     def _current(self, job_id: str, attempt: int) -> ActiveJob | None:

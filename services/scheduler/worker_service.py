@@ -136,4 +136,5 @@ def _assignment(out: AssignJob) -> pb.Assignment:
         model=out.record.model,
         text_to_image=spec_to_pb(out.record.spec),
         lease_expire_time=expire,
+        traceparent=out.traceparent,
     )

@@ -26,8 +26,11 @@ class SubmitJobRequest(_message.Message):
     TENANT_FIELD_NUMBER: _builtins.int
     JOB_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     request_id: _builtins.str
+    traceparent: _builtins.str
+    """W3C trace context of the client's request, kept with the job so its whole life is one trace."""
     @_builtins.property
     def job(self) -> _job_pb2.Job:
         """Fully resolved: every optional input field is set."""
@@ -38,10 +41,11 @@ class SubmitJobRequest(_message.Message):
         tenant: _builtins.str = ...,
         job: _job_pb2.Job | None = ...,
         request_id: _builtins.str = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "request_id", b"request_id", "tenant", b"tenant"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "request_id", b"request_id", "tenant", b"tenant", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
