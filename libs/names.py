@@ -7,7 +7,7 @@ import re
 from libs.errors import InvalidArgument
 
 _JOB = re.compile(r"jobs/([0-9a-z]{26})")
-_ARTIFACT = re.compile(r"jobs/([0-9a-z]{26})/artifacts/(\d{1,3})")
+_ARTIFACT = re.compile(r"jobs/([0-9a-z]{26})/artifacts/(0|[1-9]\d{0,2})")
 
 
 def parse_job(name: str, field: str = "name") -> str:

@@ -78,6 +78,8 @@ def from_rpc_error(err: grpc.aio.AioRpcError) -> KilnError:
     code = err.code()
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         return Unavailable("upstream service unavailable", reason="UPSTREAM_UNAVAILABLE")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return Unavailable("upstream service did not answer in time", reason="UPSTREAM_TIMEOUT")
     cls = BY_CODE.get(code.name, Internal)
     return cls(err.details() or code.name)
 

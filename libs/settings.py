@@ -25,6 +25,8 @@ class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KILN_", extra="ignore", frozen=True)
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # A Redis reply slower than this is an error; blocking reads wait at most half of it.
+    redis_socket_timeout_seconds: float = 10.0
     log_level: str = "INFO"
     # "none", "console", or "otlp" (configured by the standard OTEL_EXPORTER_OTLP_* variables).
     otel_exporter: str = "none"
@@ -54,6 +56,8 @@ class GatewaySettings(CommonSettings):
     gateway_grpc_port: int = 50051
     gateway_http_port: int = 8080
     scheduler_address: str = "127.0.0.1:50052"
+    # Unary calls to the scheduler that take longer fail as UNAVAILABLE (retryable).
+    scheduler_timeout_seconds: float = 10.0
     max_body_bytes: int = 1 << 20
 
 

@@ -55,9 +55,16 @@ async def stack(redis_server: RedisServer, local_model_dir: Path) -> AsyncIterat
     models = {
         "local-tiny": ModelSpec(
             source=str(local_model_dir), size_multiple=16, default_size=64, default_steps=4
-        )
+        ),
+        # In the gateway's catalog but loaded by no worker: its jobs wait in the queue.
+        "unserved": ModelSpec(source="/nonexistent", size_multiple=16, default_size=64, default_steps=4),
     }
-    scheduler = SchedulerApp(SchedulerSettings(redis_url=url, scheduler_port=0, dispatch_poll_seconds=0.2))
+    # A short socket timeout, so tests that wait longer than it show blocking reads survive it.
+    scheduler = SchedulerApp(
+        SchedulerSettings(
+            redis_url=url, scheduler_port=0, dispatch_poll_seconds=0.2, redis_socket_timeout_seconds=1.0
+        )
+    )
     await scheduler.start()
     address = f"127.0.0.1:{scheduler.port}"
     worker = WorkerApp(

@@ -14,6 +14,7 @@ from libs.api_keys import ApiKeys
 from libs.serving import GRPC_OPTIONS, announce, configure_logging, start_grpc, wait_for_shutdown
 from libs.settings import GatewaySettings
 from libs.telemetry import setup_tracing
+from services.gateway import http_logging
 from services.gateway.auth import Authenticator
 from services.gateway.grpc_api import JobServiceServicer
 from services.gateway.jobs_api import JobsApi
@@ -26,9 +27,15 @@ JOB_SERVICE = job_service_pb2.DESCRIPTOR.services_by_name["JobService"]
 class GatewayApp:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.redis = Redis.from_url(settings.redis_url, max_connections=200)
+        self.redis = Redis.from_url(
+            settings.redis_url, max_connections=200, socket_timeout=settings.redis_socket_timeout_seconds
+        )
         self.channel = grpc.aio.insecure_channel(settings.scheduler_address, options=GRPC_OPTIONS)
-        self.api = JobsApi(scheduler_service_pb2_grpc.SchedulerServiceStub(self.channel), settings.catalog())
+        self.api = JobsApi(
+            scheduler_service_pb2_grpc.SchedulerServiceStub(self.channel),
+            settings.catalog(),
+            timeout_s=settings.scheduler_timeout_seconds,
+        )
         self.authenticate = Authenticator(ApiKeys(self.redis))
         self.grpc_port = 0
         self.http_port = 0
@@ -36,6 +43,7 @@ class GatewayApp:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
+        http_logging.install()
         servicer = JobServiceServicer(self.api, self.authenticate)
         self._server, self.grpc_port, _ = await start_grpc(
             self.settings.gateway_host,

@@ -11,6 +11,7 @@ from kiln.v1 import job_service_pb2 as pb
 from kiln.v1 import job_service_pb2_grpc as pb_grpc
 
 from libs.api_keys import Principal
+from libs.errors import Unauthenticated
 from libs.rpc_status import grpc_boundary
 from services.gateway.auth import Authenticator
 from services.gateway.jobs_api import JobsApi
@@ -24,8 +25,10 @@ class JobServiceServicer(pb_grpc.JobServiceServicer):
         self._authenticate = authenticate
 
     async def _principal(self, context: Ctx) -> Principal:
-        metadata = dict(context.invocation_metadata() or ())
-        value = metadata.get("authorization")
+        values = [v for k, v in context.invocation_metadata() or () if k == "authorization"]
+        if len(values) > 1:  # which one would count is anyone's guess: refuse rather than pick
+            raise Unauthenticated("send exactly one authorization entry", reason="API_KEY_MALFORMED")
+        value = values[0] if values else None
         return await self._authenticate(value if isinstance(value, str) else None)
 
     @grpc_boundary

@@ -19,18 +19,22 @@ from libs.api_keys import Principal
 from libs.catalog import ModelSpec
 from libs.convert import spec_to_pb
 from libs.telemetry import current_traceparent, tracer
-from services.gateway.validation import resolve
+from services.gateway.validation import check_request_id, fingerprint, resolve
 
 
 class JobsApi:
-    def __init__(self, scheduler: spb_grpc.SchedulerServiceStub, catalog: dict[str, ModelSpec]) -> None:
+    def __init__(
+        self, scheduler: spb_grpc.SchedulerServiceStub, catalog: dict[str, ModelSpec], *, timeout_s: float
+    ) -> None:
         self._scheduler = scheduler
         self._catalog = catalog
+        self._timeout_s = timeout_s
 
     async def CreateJob(self, principal: Principal, request: pb.CreateJobRequest) -> pb.CreateJobResponse:
         with tracer(__name__).start_as_current_span(
             "CreateJob", kind=SpanKind.SERVER, attributes={"kiln.tenant": principal.tenant}
         ) as span:
+            check_request_id(request.request_id)
             model, spec = resolve(request.job, self._catalog)
             span.set_attribute("kiln.model", model)
             resolved = job_pb2.Job(model=model, text_to_image=spec_to_pb(spec))
@@ -39,27 +43,32 @@ class JobsApi:
                     tenant=principal.tenant,
                     job=resolved,
                     request_id=request.request_id,
+                    request_fingerprint=fingerprint(request.job),
                     traceparent=current_traceparent(),
-                )
+                ),
+                timeout=self._timeout_s,
             )
             span.set_attribute("kiln.job", reply.job.name)
             return pb.CreateJobResponse(job=reply.job)
 
     async def GetJob(self, principal: Principal, request: pb.GetJobRequest) -> pb.GetJobResponse:
-        reply = await self._scheduler.GetJob(spb.GetJobRequest(tenant=principal.tenant, name=request.name))
+        reply = await self._scheduler.GetJob(
+            spb.GetJobRequest(tenant=principal.tenant, name=request.name), timeout=self._timeout_s
+        )
         return pb.GetJobResponse(job=reply.job)
 
     async def ListJobs(self, principal: Principal, request: pb.ListJobsRequest) -> pb.ListJobsResponse:
         reply = await self._scheduler.ListJobs(
             spb.ListJobsRequest(
                 tenant=principal.tenant, page_size=request.page_size, page_token=request.page_token
-            )
+            ),
+            timeout=self._timeout_s,
         )
         return pb.ListJobsResponse(jobs=reply.jobs, next_page_token=reply.next_page_token)
 
     async def CancelJob(self, principal: Principal, request: pb.CancelJobRequest) -> pb.CancelJobResponse:
         reply = await self._scheduler.CancelJob(
-            spb.CancelJobRequest(tenant=principal.tenant, name=request.name)
+            spb.CancelJobRequest(tenant=principal.tenant, name=request.name), timeout=self._timeout_s
         )
         return pb.CancelJobResponse(job=reply.job)
 

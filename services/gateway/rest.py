@@ -132,6 +132,10 @@ def _resume_from(request: web.Request, message: Message) -> None:
     last_event_id = request.headers.get("Last-Event-ID")
     if field is None or field.type != FieldDescriptor.TYPE_STRING or not last_event_id:
         return
+    if not last_event_id.isascii():
+        raise InvalidArgument.field(
+            RESUME_FIELD, "the Last-Event-ID header must be an event id from this stream"
+        )
     if not getattr(message, RESUME_FIELD):
         setattr(message, RESUME_FIELD, last_event_id)
 

@@ -113,6 +113,8 @@ def _check_scalar(value: Json, field: FieldDescriptor, path: str) -> None:
         raise invalid(path, f"must be a boolean (true or false), got {show(value)}")
     elif field.type in (F.TYPE_STRING, F.TYPE_BYTES) and not isinstance(value, str):
         raise invalid(path, f"must be a string, got {show(value)}")
+    elif field.type == F.TYPE_STRING and not _valid_unicode(value):
+        raise invalid(path, "must be valid Unicode: it contains an unpaired surrogate (\\ud800-\\udfff)")
     elif field.type == F.TYPE_BYTES:
         try:
             text = value.rstrip("=").replace("-", "+").replace("_", "/")
@@ -183,6 +185,10 @@ def check_message(value: Json, message: Descriptor, path: str) -> None:
     seen: dict[str, str] = {}
     oneofs: dict[str, str] = {}
     for key, item in value.items():
+        if not _valid_unicode(key):
+            raise invalid(
+                path, f"has a member name that is not valid Unicode: {key.encode('utf-8', 'replace')!r}"
+            )
         field = message.fields_by_name.get(key) or _by_json_name(message).get(key)
         if field is None:
             raise invalid(_join(path, key), f"unknown field of {name}")
@@ -198,6 +204,15 @@ def check_message(value: Json, message: Descriptor, path: str) -> None:
             oneofs[group.name] = field.name
         check_field(item, field, where)
     return None
+
+
+def _valid_unicode(text: str) -> bool:
+    """JSON's \\uXXXX escapes can spell lone surrogates, which no UTF-8 string (or proto) can hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _by_json_name(message: Descriptor) -> dict[str, FieldDescriptor]:
@@ -233,6 +248,10 @@ def parse_json(body: bytes, where: str) -> Json:
         raise invalid(where, f"request body is not valid JSON: {problem}", "INVALID_JSON") from None
     except _Malformed as exc:
         raise invalid(where, f"request body is not valid JSON: {exc}", "INVALID_JSON") from None
+    except RecursionError:
+        raise invalid(where, "request body is nested too deeply", "INVALID_JSON") from None
+    except ValueError as exc:  # e.g. an integer literal past Python's digit limit
+        raise invalid(where, f"request body is not valid JSON: {exc}", "INVALID_JSON") from None
 
 
 def _resolve(message: Descriptor, dotted: str) -> list[FieldDescriptor] | None:
@@ -250,14 +269,17 @@ def _resolve(message: Descriptor, dotted: str) -> list[FieldDescriptor] | None:
     return fields if len(fields) == dotted.count(".") + 1 else None
 
 
+_MAX_INT_DIGITS = 21  # a sign and the 20 digits of the largest uint64
+
+
 def _from_text(text: str, field: FieldDescriptor, path: str) -> Json:
     """A URL string as the JSON value it stands for, so that the JSON checks then apply to it."""
     if field.message_type and field.message_type.full_name not in WRAPPERS:
         return text  # Timestamp, Duration, FieldMask: their JSON form is a string
     kind = field.message_type.fields_by_name["value"] if field.message_type else field
     if kind.type in _INT_RANGES or (kind.enum_type is not None and _DECIMAL.fullmatch(text)):
-        if not _DECIMAL.fullmatch(text):
-            raise invalid(path, f"must be an integer, got {json.dumps(text)}")
+        if not _DECIMAL.fullmatch(text) or len(text) > _MAX_INT_DIGITS:
+            raise invalid(path, f"must be an integer, got {json.dumps(text[:40])}")
         return int(text)
     if kind.type in _FLOAT_LIMITS:
         try:

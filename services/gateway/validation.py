@@ -6,8 +6,11 @@ values it allows.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 import secrets
+import unicodedata
 
 from kiln.v1 import job_pb2
 
@@ -16,6 +19,7 @@ from libs.errors import FieldViolation, InvalidArgument
 from libs.jobs import TextToImage
 
 MAX_SEED = 2**63 - 1
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 _T2I = "job.text_to_image"
 
 
@@ -35,9 +39,15 @@ def _size(violations: list[FieldViolation], field: str, value: int, spec: ModelS
         )
 
 
+def _visible(text: str) -> bool:
+    """Whether anything is left once spaces, format characters (zero-width joiners, direction
+    marks) and lone combining marks are set aside."""
+    return any(not ch.isspace() and unicodedata.category(ch) not in ("Cf", "Mn", "Me") for ch in text)
+
+
 def _text(violations: list[FieldViolation], field: str, value: str, limit: int, *, required: bool) -> None:
-    if required and not value.strip():
-        violations.append(FieldViolation(field, "must not be empty"))
+    if required and not _visible(value):
+        violations.append(FieldViolation(field, "must not be empty (or only spaces and invisible marks)"))
     elif len(value) > limit:
         violations.append(FieldViolation(field, f"must be at most {limit} characters, got {len(value)}"))
 
@@ -97,3 +107,16 @@ def resolve(job: job_pb2.Job, catalog: dict[str, ModelSpec]) -> tuple[str, TextT
         seed=seed,
         num_images=num_images,
     )
+
+
+def check_request_id(request_id: str) -> None:
+    if request_id and not _REQUEST_ID.fullmatch(request_id):
+        raise InvalidArgument.field(
+            "request_id", "must be 1-128 printable ASCII characters without spaces (a UUID is typical)"
+        )
+
+
+def fingerprint(job: job_pb2.Job) -> str:
+    """The job as the client sent it, before any default was filled in (a seed is drawn at random
+    when none is given, so the resolved job of a retry differs)."""
+    return hashlib.sha256(job.SerializeToString(deterministic=True)).hexdigest()

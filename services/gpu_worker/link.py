@@ -160,8 +160,13 @@ class WorkerLink:
                     outbox, job_id, attempt, JobError("INTERNAL", "the pipeline failed", "PIPELINE_ERROR")
                 )
             else:
-                span.set_attribute("kiln.outcome", "succeeded")
-                self._send_images(outbox, job_id, attempt, images)
+                if cancel.is_set():  # cancelled while the images were decoded: don't send them
+                    span.set_attribute("kiln.outcome", "cancelled")
+                    done = pb.JobCancelled(job_id=job_id, attempt=attempt, step=spec.steps)
+                    outbox.put_nowait(pb.ConnectRequest(cancelled=done))
+                else:
+                    span.set_attribute("kiln.outcome", "succeeded")
+                    self._send_images(outbox, job_id, attempt, images)
             finally:
                 running = self._running.get(job_id)
                 if running is not None and running.attempt == attempt:

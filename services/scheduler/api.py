@@ -28,6 +28,7 @@ class SchedulerApi(pb_grpc.SchedulerServiceServicer):
             request.job.model,
             spec_from_pb(request.job.text_to_image),
             request_id=request.request_id,
+            fingerprint=request.request_fingerprint,
             traceparent=request.traceparent,
         )
         return pb.SubmitJobResponse(job=job_to_pb(record))

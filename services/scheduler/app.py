@@ -24,7 +24,9 @@ from services.scheduler.worker_service import WorkerService
 class SchedulerApp:
     def __init__(self, settings: SchedulerSettings) -> None:
         self.settings = settings
-        self.redis = Redis.from_url(settings.redis_url, max_connections=1000)
+        self.redis = Redis.from_url(
+            settings.redis_url, max_connections=1000, socket_timeout=settings.redis_socket_timeout_seconds
+        )
         scripts = Scripts(self.redis)
         self.store = JobStore(
             self.redis,
@@ -34,7 +36,9 @@ class SchedulerApp:
         )
         self.queues = Queues(self.redis, scripts)
         self.hub = Hub(self.redis)
-        self.jobs = Jobs(self.store, self.queues, self.hub)
+        # Blocking reads must return well inside the socket timeout, or they fail as timeouts.
+        watch_block_ms = max(100, int(settings.redis_socket_timeout_seconds * 500))
+        self.jobs = Jobs(self.store, self.queues, self.hub, watch_block_ms=watch_block_ms)
         self.workers = WorkerService(self.store, self.queues, self.hub, settings)
         self.port = 0
         self._server: grpc.aio.Server | None = None

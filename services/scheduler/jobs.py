@@ -10,20 +10,27 @@ from services.scheduler.queues import Queues
 from services.scheduler.store import JobStore
 
 ARTIFACT_CHUNK_BYTES = 1 << 20
-WATCH_BLOCK_MS = 5000
 
 
 class Jobs:
-    def __init__(self, store: JobStore, queues: Queues, hub: Hub) -> None:
+    def __init__(self, store: JobStore, queues: Queues, hub: Hub, *, watch_block_ms: int) -> None:
+        self._watch_block_ms = watch_block_ms
         self._store = store
         self._queues = queues
         self._hub = hub
 
     async def submit(
-        self, tenant: str, model: str, spec: TextToImage, *, request_id: str = "", traceparent: str = ""
+        self,
+        tenant: str,
+        model: str,
+        spec: TextToImage,
+        *,
+        request_id: str = "",
+        fingerprint: str = "",
+        traceparent: str = "",
     ) -> JobRecord:
         record, created = await self._store.create(
-            tenant, model, spec, request_id=request_id, traceparent=traceparent
+            tenant, model, spec, request_id=request_id, fingerprint=fingerprint, traceparent=traceparent
         )
         if created:
             await self._queues.enqueue(tenant, record.id, model)
@@ -44,7 +51,7 @@ class Jobs:
         return record
 
     def watch(self, tenant: str, job_id: str, after_event_id: str) -> AsyncIterator[tuple[str, JobRecord]]:
-        return self._store.events(tenant, job_id, after_event_id, WATCH_BLOCK_MS)
+        return self._store.events(tenant, job_id, after_event_id, self._watch_block_ms)
 
     async def artifact(self, tenant: str, job_id: str, index: int) -> tuple[str, int, AsyncIterator[bytes]]:
         """(mime type, size, chunks) of one artifact of a job that belongs to `tenant`."""

@@ -23,16 +23,31 @@ from services.scheduler.scripts import Scripts
 REQUEST_ID_TTL_S = 24 * 3600
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
-_EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")
+_JOB_ID = re.compile(rb"[0-9a-z]{26}")
+_EVENT_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
 TERMINAL = ",".join(s.value for s in State if s.terminal)
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What a fenced transition found: `ok`, or the state/attempt that refused it."""
+    """What a fenced transition found: OK, or why not (STATE, STALE, MISSING, CANCEL_REQUESTED)
+    with the state or attempt that refused it."""
 
-    ok: bool
+    status: str
     detail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "OK"
+
+
+def _check_event_id(event_id: str) -> None:
+    match = _EVENT_ID.fullmatch(event_id) if event_id else None
+    if event_id and (match is None or any(int(part) >= 2**64 for part in match.groups())):
+        raise InvalidArgument.field(
+            "after_event_id",
+            f"must be an event id from this job's stream, like 1700000000000-0, got {event_id[:60]!r}",
+        )
 
 
 class JobStore:
@@ -43,13 +58,23 @@ class JobStore:
         self._artifact_ttl_s = artifact_ttl_s
 
     async def create(
-        self, tenant: str, model: str, spec: TextToImage, *, request_id: str = "", traceparent: str = ""
+        self,
+        tenant: str,
+        model: str,
+        spec: TextToImage,
+        *,
+        request_id: str = "",
+        fingerprint: str = "",
+        traceparent: str = "",
     ) -> tuple[JobRecord, bool]:
         """Returns the job and whether it is new (False: replayed for the same request_id)."""
         job_id = new_job_id()
-        fingerprint = hashlib.sha256(
-            json.dumps([model, dataclasses.asdict(spec)], sort_keys=True).encode()
-        ).hexdigest()
+        fingerprint = (
+            fingerprint
+            or hashlib.sha256(
+                json.dumps([model, dataclasses.asdict(spec)], sort_keys=True).encode()
+            ).hexdigest()
+        )
         fields = records.new_job_fields(job_id, tenant, model, spec, traceparent)
         flat = [item for pair in fields.items() for item in pair]
         request_key = keys.request_id(tenant, request_id)
@@ -86,9 +111,12 @@ class JobStore:
         start = b"+"
         if page_token:
             try:
-                start = b"(" + base64.urlsafe_b64decode(page_token.encode())
+                after = base64.urlsafe_b64decode(page_token.encode())
             except (binascii.Error, ValueError):
-                raise InvalidArgument.field("page_token", "is not a token returned by ListJobs") from None
+                after = b""
+            if not _JOB_ID.fullmatch(after):
+                raise InvalidArgument.field("page_token", "is not a token returned by ListJobs")
+            start = b"(" + after
         ids: list[bytes] = await self._redis.zrange(  # type: ignore[assignment]
             keys.tenant_jobs(tenant), start, b"-", bylex=True, desc=True, offset=0, num=size
         )
@@ -116,6 +144,7 @@ class JobStore:
         stamp: str = "",
         fields: dict[str, str] | None = None,
         blobs: Sequence[tuple[str, bytes]] = (),
+        unless_cancel_requested: bool = False,
     ) -> Outcome:
         terminal = new_state is not None and new_state.terminal
         flat = [item for pair in (fields or {}).items() for item in pair]
@@ -127,13 +156,14 @@ class JobStore:
                 new_state.value if new_state else "",
                 stamp,
                 str(self._job_ttl_s if terminal else 0),
+                "1" if unless_cancel_requested else "0",
                 str(self._artifact_ttl_s),
                 *(b for _, b in blobs),
                 *flat,
             ],
         )
         status, detail = (v.decode() for v in result)
-        return Outcome(status == "OK", detail)
+        return Outcome(status, detail)
 
     async def cancel(self, tenant: str, job_id: str) -> tuple[JobRecord, bool]:
         """Cancels a queued job outright; flags a running one. Returns (job, was_running)."""
@@ -185,7 +215,9 @@ class JobStore:
     async def succeed(
         self, tenant: str, job_id: str, attempt: int, images: list[tuple[Artifact, bytes]]
     ) -> Outcome:
-        return await self.transition(
+        """Stores the images and ends the job, unless a cancel was accepted meanwhile: then the job
+        ends CANCELLED and the images are dropped, as the client was told."""
+        outcome = await self.transition(
             tenant,
             job_id,
             attempt=f"={attempt}",
@@ -194,7 +226,12 @@ class JobStore:
             stamp="end_ms",
             fields={"artifacts": records.artifacts_field([a for a, _ in images])},
             blobs=[(keys.artifact(tenant, job_id, a.index), data) for a, data in images],
+            unless_cancel_requested=True,
         )
+        if outcome.status != "CANCEL_REQUESTED":
+            return outcome
+        record = await self.get(tenant, job_id)
+        return await self.cancelled(tenant, job_id, attempt, record.step)
 
     async def fail(self, tenant: str, job_id: str, attempt: int, error: JobError) -> Outcome:
         return await self.transition(
@@ -233,16 +270,15 @@ class JobStore:
     async def events(
         self, tenant: str, job_id: str, after: str, block_ms: int
     ) -> AsyncIterator[tuple[str, JobRecord]]:
-        """Yields (event id, snapshot) from after `after`; ends after a terminal snapshot."""
-        if after and not _EVENT_ID.fullmatch(after):
-            raise InvalidArgument.field(
-                "after_event_id", f"must be an event id like 1700000000000-0, got {after!r}"
-            )
+        """Yields (event id, snapshot) after `after`; ends after the terminal snapshot, or at once
+        when the job already ended before `after`."""
+        _check_event_id(after)
         await self.get(tenant, job_id)
-        stream = keys.job_events(tenant, job_id)
+        stream, job_key = keys.job_events(tenant, job_id), keys.job(tenant, job_id)
         last = after or "0-0"
+        block: int | None = None  # the first read never waits: there may be nothing left to wait for
         while True:
-            reply: Any = await self._redis.xread({stream: last}, block=block_ms, count=100)
+            reply: Any = await self._redis.xread({stream: last}, block=block, count=100)
             for _, entries in reply:
                 for raw_id, raw in entries:
                     last = raw_id.decode()
@@ -250,8 +286,16 @@ class JobStore:
                     yield last, record
                     if record.state.terminal:
                         return
-            if not reply and not await self._redis.exists(stream):
-                return  # expired while we watched
+            if not reply:
+                state: bytes | None = await self._redis.hget(job_key, "state")  # type: ignore[assignment]
+                if state is None or State(state.decode()).terminal:
+                    # Ended (or expired) with nothing after `last`, or its terminal event came in
+                    # after our read: the non-blocking read next time round delivers it, then ends.
+                    if block is None:
+                        return
+                    block = None
+                    continue
+            block = block_ms
 
     async def artifact_chunks(self, tenant: str, job_id: str, index: int, chunk: int) -> AsyncIterator[bytes]:
         key = keys.artifact(tenant, job_id, index)

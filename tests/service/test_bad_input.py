@@ -85,7 +85,10 @@ async def test_rest_unknown_model_lists_the_models(stack: Stack, fresh_key: str)
         assert info["reason"] == "UNKNOWN_MODEL"
         violations = next(d for d in error["details"] if d["@type"].endswith("BadRequest"))["fieldViolations"]
         assert violations == [
-            {"field": "job.model", "description": "must be one of: local-tiny, tiny-sd; got 'sdxl-turbo'"}
+            {
+                "field": "job.model",
+                "description": "must be one of: local-tiny, tiny-sd, unserved; got 'sdxl-turbo'",
+            }
         ]
         assert await _list_count(http, stack, fresh_key) == 0
 

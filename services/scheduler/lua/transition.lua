@@ -6,7 +6,9 @@
 -- ARGV[3] new state, "" to keep
 -- ARGV[4] timestamp field to set to now ("" for none)
 -- ARGV[5] TTL (s) for job and events once terminal, "0" for none
--- ARGV[6] blob TTL (s); ARGV[7..6+#blobs] blob values, then field/value pairs
+-- ARGV[6] "1": refuse (CANCEL_REQUESTED) when the client asked to cancel; a cancel already
+--         accepted must not turn into a success
+-- ARGV[7] blob TTL (s); ARGV[8..7+#blobs] blob values, then field/value pairs
 local state = redis.call("HGET", KEYS[1], "state")
 if not state then return {"MISSING", ""} end
 local attempt = tonumber(redis.call("HGET", KEYS[1], "attempt") or "0")
@@ -22,12 +24,15 @@ for s in string.gmatch(ARGV[2], "[^,]+") do
   if s == state then allowed = true end
 end
 if not allowed then return {"STATE", state} end
+if ARGV[6] == "1" and redis.call("HGET", KEYS[1], "cancel_requested") == "1" then
+  return {"CANCEL_REQUESTED", state}
+end
 local nblobs = #KEYS - 2
 for i = 1, nblobs do
-  redis.call("SET", KEYS[2 + i], ARGV[6 + i], "EX", tonumber(ARGV[6]))
+  redis.call("SET", KEYS[2 + i], ARGV[7 + i], "EX", tonumber(ARGV[7]))
 end
 local fields = {}
-for i = 7 + nblobs, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 8 + nblobs, #ARGV do fields[#fields + 1] = ARGV[i] end
 if ARGV[3] ~= "" then
   fields[#fields + 1] = "state"
   fields[#fields + 1] = ARGV[3]
