@@ -17,6 +17,7 @@ from libs.errors import InvalidArgument
 _KEY = re.compile(r"kiln_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 _TENANT = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 DEFAULT_TIER = "free"
+TIERS = ("free", "pro", "enterprise")
 
 
 @dataclass(frozen=True)

@@ -70,16 +70,17 @@ def from_status(status: status_pb2.Status) -> KilnError:
     )
 
 
-def from_rpc_error(err: grpc.aio.AioRpcError) -> KilnError:
-    """Rebuilds the exception a downstream Kiln service raised, details and all."""
+def from_rpc_error(err: grpc.aio.AioRpcError, peer: str = "upstream service") -> KilnError:
+    """Rebuilds the exception a downstream Kiln service raised, details and all; `peer` names the
+    service in the message when it could not be reached at all."""
     for key, value in err.trailing_metadata() or ():
         if key == _DETAILS_KEY and isinstance(value, bytes):
             return from_status(status_pb2.Status.FromString(value))
     code = err.code()
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-        return Unavailable("upstream service unavailable", reason="UPSTREAM_UNAVAILABLE")
+        return Unavailable(f"{peer} unavailable: {err.details() or code.name}", reason="UPSTREAM_UNAVAILABLE")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return Unavailable("upstream service did not answer in time", reason="UPSTREAM_TIMEOUT")
+        return Unavailable(f"{peer} did not answer in time", reason="UPSTREAM_TIMEOUT")
     cls = BY_CODE.get(code.name, Internal)
     return cls(err.details() or code.name)
 

@@ -58,9 +58,22 @@ class LocalStack:
             )
             self.procs.append(proc)
             print(await _ready_line(module, proc), file=sys.stderr)
+        self.api_key = await self._dev_key()
+
+    async def _dev_key(self) -> str:
+        """The key from the last run while it is still valid, so exported keys keep working."""
+        saved = self.state_dir / "dev-api-key"
         redis = Redis.from_url(self.redis_url)
         try:
-            self.api_key = await ApiKeys(redis).create("dev")
+            keys = ApiKeys(redis)
+            if saved.exists():
+                key = saved.read_text().strip()
+                if await keys.lookup(key) is not None:
+                    return key
+            key = await keys.create("dev")
+            saved.write_text(key)
+            saved.chmod(0o600)
+            return key
         finally:
             await redis.aclose()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from kiln.v1 import job_pb2
 from redis.asyncio import Redis
 
-from libs.api_keys import ApiKeys
+from libs.api_keys import TIERS, ApiKeys
 from libs.cli.devstack import REDIS_URL_FILE, run_stack
 from libs.cli.generate import generate
 from libs.errors import KilnError
@@ -66,25 +66,35 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_argument("--redis-url", help="default: KILN_REDIS_URL, else the Redis `kiln up` started")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create")
-    create.add_argument("--tenant", required=True)
-    create.add_argument("--tier", default="free")
+    create.add_argument("--tenant", required=True, help="a-z, 0-9 and '-', up to 63 characters")
+    create.add_argument("--tier", default="free", choices=TIERS, help="recorded with the key (default: free)")
     revoke = keys_sub.add_parser("revoke")
     revoke.add_argument("key_id", help="the 16 hex characters after 'kiln_'")
     keys_sub.add_parser("list")
 
     gen = sub.add_parser("generate", help="generate an image through the API")
-    gen.add_argument("prompt")
-    gen.add_argument("-o", "--output", type=Path, default=Path("out.png"))
-    gen.add_argument("--model", default="tiny-sd")
-    gen.add_argument("--negative-prompt", default="")
-    gen.add_argument("--width", type=int)
-    gen.add_argument("--height", type=int)
-    gen.add_argument("--steps", type=int)
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--num-images", type=int)
-    gen.add_argument("--guidance-scale", type=float)
-    gen.add_argument("--server", default=os.environ.get("KILN_SERVER", "127.0.0.1:50051"))
-    gen.add_argument("--api-key", default=os.environ.get("KILN_API_KEY"))
+    gen.add_argument("prompt", help="what to draw")
+    gen.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("out.png"),
+        help="where to save the PNG; with several images, NAME-0.png, NAME-1.png... (default: out.png)",
+    )
+    gen.add_argument("--model", default="tiny-sd", help="a model of the catalog (default: tiny-sd)")
+    gen.add_argument("--negative-prompt", default="", help="what to steer away from")
+    gen.add_argument("--width", type=int, help="pixels (default: the model's)")
+    gen.add_argument("--height", type=int, help="pixels (default: the model's)")
+    gen.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    gen.add_argument("--seed", type=int, help="same seed and parameters, same image (default: random)")
+    gen.add_argument("--num-images", type=int, help="images from seed, seed+1, ... (default: 1)")
+    gen.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default: the model's)")
+    gen.add_argument(
+        "--server",
+        default=os.environ.get("KILN_SERVER", "127.0.0.1:50051"),
+        help="the gateway's gRPC address (env KILN_SERVER; default: 127.0.0.1:50051)",
+    )
+    gen.add_argument("--api-key", default=os.environ.get("KILN_API_KEY"), help="env KILN_API_KEY")
     return parser
 
 

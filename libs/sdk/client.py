@@ -21,6 +21,7 @@ class KilnClient:
         self._channel = grpc.aio.insecure_channel(target, options=GRPC_OPTIONS)
         self._stub = pb_grpc.JobServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {api_key}"),)
+        self._peer = f"the Kiln gateway at {target}"
 
     async def __aenter__(self) -> KilnClient:
         return self
@@ -39,20 +40,20 @@ class KilnClient:
                 pb.CreateJobRequest(job=job, request_id=request_id), metadata=self._metadata
             )
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise from_rpc_error(exc, self._peer) from None
         return reply.job
 
     async def get_job(self, name: str) -> job_pb2.Job:
         try:
             return (await self._stub.GetJob(pb.GetJobRequest(name=name), metadata=self._metadata)).job
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise from_rpc_error(exc, self._peer) from None
 
     async def cancel_job(self, name: str) -> job_pb2.Job:
         try:
             return (await self._stub.CancelJob(pb.CancelJobRequest(name=name), metadata=self._metadata)).job
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise from_rpc_error(exc, self._peer) from None
 
     async def watch(self, name: str, after_event_id: str = "") -> AsyncIterator[pb.WatchJobResponse]:
         call = self._stub.WatchJob(
@@ -62,7 +63,7 @@ class KilnClient:
             async for event in call:
                 yield event
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise from_rpc_error(exc, self._peer) from None
 
     async def download(self, artifact_name: str) -> bytes:
         """The whole artifact, reassembled from its chunks."""
@@ -73,5 +74,5 @@ class KilnClient:
             ):
                 parts.append(chunk.data)
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise from_rpc_error(exc, self._peer) from None
         return b"".join(parts)
