@@ -7,10 +7,14 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from libs.settings import CommonSettings
+from libs.telemetry import setup_tracing
 
 # Servers accept messages up to this size; artifacts travel in 1 MiB chunks well below it.
 MAX_MESSAGE_BYTES = 8 << 20
@@ -58,3 +62,25 @@ async def wait_for_shutdown() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+class Service(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def ready_info(self) -> dict[str, int]:
+        """What `announce` prints once started: the ports bound, or the worker's slots."""
+        ...
+
+
+async def serve(name: str, settings: CommonSettings, app: Service) -> None:
+    """A service's whole life as a process: start, announce, run until SIGTERM/SIGINT, stop."""
+    configure_logging(settings.log_level)
+    setup_tracing(f"kiln-{name.replace('_', '-')}", settings.otel_exporter)
+    await app.start()
+    announce(name, **app.ready_info())
+    try:
+        await wait_for_shutdown()
+    finally:
+        await app.stop()

@@ -11,9 +11,8 @@ from kiln.v1 import job_service_pb2, job_service_pb2_grpc
 from redis.asyncio import Redis
 
 from libs.api_keys import ApiKeys
-from libs.serving import GRPC_OPTIONS, announce, configure_logging, start_grpc, wait_for_shutdown
+from libs.serving import GRPC_OPTIONS, serve, start_grpc
 from libs.settings import GatewaySettings
-from libs.telemetry import setup_tracing
 from services.gateway import http_logging
 from services.gateway.auth import Authenticator
 from services.gateway.grpc_api import JobServiceServicer
@@ -61,6 +60,9 @@ class GatewayApp:
         await site.start()
         self.http_port = self._runner.addresses[0][1]
 
+    def ready_info(self) -> dict[str, int]:
+        return {"grpc": self.grpc_port, "http": self.http_port}
+
     async def stop(self, grace: float = 5.0) -> None:
         if self._server is not None:
             await self._server.stop(grace)
@@ -72,15 +74,7 @@ class GatewayApp:
 
 async def main() -> None:
     settings = GatewaySettings()
-    configure_logging(settings.log_level)
-    setup_tracing("kiln-gateway", settings.otel_exporter)
-    app = GatewayApp(settings)
-    await app.start()
-    announce("gateway", grpc=app.grpc_port, http=app.http_port)
-    try:
-        await wait_for_shutdown()
-    finally:
-        await app.stop()
+    await serve("gateway", settings, GatewayApp(settings))
 
 
 if __name__ == "__main__":

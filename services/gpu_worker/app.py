@@ -7,9 +7,8 @@ import logging
 import os
 import socket
 
-from libs.serving import announce, configure_logging, wait_for_shutdown
+from libs.serving import serve
 from libs.settings import WorkerSettings
-from libs.telemetry import setup_tracing
 from services.gpu_worker.link import WorkerLink
 from services.gpu_worker.runner import ModelLoadError, PipelineRunner
 from services.gpu_worker.thread_runner import ThreadRunner, detect_device
@@ -43,6 +42,9 @@ class WorkerApp:
         )
         self._task = asyncio.create_task(self.link.run_forever(self.settings.reconnect_seconds))
 
+    def ready_info(self) -> dict[str, int]:
+        return {"slots": self.settings.worker_slots}
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -52,15 +54,7 @@ class WorkerApp:
 
 async def main() -> None:
     settings = WorkerSettings()
-    configure_logging(settings.log_level)
-    setup_tracing("kiln-gpu-worker", settings.otel_exporter)
-    app = WorkerApp(settings)
-    await app.start()
-    announce("gpu_worker", slots=settings.worker_slots)
-    try:
-        await wait_for_shutdown()
-    finally:
-        await app.stop()
+    await serve("gpu_worker", settings, WorkerApp(settings))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,8 @@ from kiln.scheduler.v1 import scheduler_service_pb2, scheduler_service_pb2_grpc
 from kiln.worker.v1 import worker_service_pb2, worker_service_pb2_grpc
 from redis.asyncio import Redis
 
-from libs.serving import announce, configure_logging, start_grpc, wait_for_shutdown
+from libs.serving import serve, start_grpc
 from libs.settings import SchedulerSettings
-from libs.telemetry import setup_tracing
 from services.scheduler.api import SchedulerApi
 from services.scheduler.hub import Hub
 from services.scheduler.jobs import Jobs
@@ -59,6 +58,9 @@ class SchedulerApp:
             ],
         )
 
+    def ready_info(self) -> dict[str, int]:
+        return {"grpc": self.port}
+
     async def stop(self, grace: float = 5.0) -> None:
         if self._server is not None:
             await self._server.stop(grace)
@@ -69,15 +71,7 @@ class SchedulerApp:
 
 async def main() -> None:
     settings = SchedulerSettings()
-    configure_logging(settings.log_level)
-    setup_tracing("kiln-scheduler", settings.otel_exporter)
-    app = SchedulerApp(settings)
-    await app.start()
-    announce("scheduler", grpc=app.port)
-    try:
-        await wait_for_shutdown()
-    finally:
-        await app.stop()
+    await serve("scheduler", settings, SchedulerApp(settings))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from libs.jobs import JobRecord, TextToImage
+from libs.errors import NotFound
+from libs.jobs import JobRecord, TextToImage, artifact_name
 from services.scheduler.hub import Hub
 from services.scheduler.queues import Queues
 from services.scheduler.store import JobStore
@@ -60,4 +61,5 @@ class Jobs:
             if artifact.index == index:
                 chunks = self._store.artifact_chunks(tenant, job_id, index, ARTIFACT_CHUNK_BYTES)
                 return artifact.mime_type, artifact.size_bytes, chunks
-        return "", 0, self._store.artifact_chunks(tenant, job_id, index, ARTIFACT_CHUNK_BYTES)
+        name = artifact_name(job_id, index)
+        raise NotFound(f"{name} not found", reason="ARTIFACT_NOT_FOUND", metadata={"name": name})

@@ -48,17 +48,6 @@ class CancelJob:
 Outgoing = AssignJob | CancelJob
 
 
-@dataclass(frozen=True)
-class ImageReport:
-    index: int
-    mime_type: str
-    size_bytes: int
-    sha256: str
-    seed: int
-    width: int
-    height: int
-
-
 class WorkerLink:
     """Transport-free: the servicer feeds it decoded reports and drains `outbox`."""
 
@@ -162,7 +151,7 @@ class WorkerLink:
         if job is not None:
             job.chunks.setdefault(index, bytearray()).extend(data)
 
-    async def completed(self, job_id: str, attempt: int, images: list[ImageReport]) -> None:
+    async def completed(self, job_id: str, attempt: int, images: list[Artifact]) -> None:
         job = self._current(job_id, attempt)
         if job is None:
             return
@@ -185,20 +174,7 @@ class WorkerLink:
                     ),
                 )
                 return
-            stored.append(
-                (
-                    Artifact(
-                        image.index,
-                        image.mime_type,
-                        image.size_bytes,
-                        image.sha256,
-                        image.seed,
-                        image.width,
-                        image.height,
-                    ),
-                    data,
-                )
-            )
+            stored.append((image, data))
         await self._end(job, self._store.succeed(job.tenant, job_id, attempt, stored))
 
     async def failed(self, job_id: str, attempt: int, error: JobError) -> None:

@@ -13,11 +13,12 @@ from kiln.worker.v1 import worker_service_pb2 as pb
 from kiln.worker.v1 import worker_service_pb2_grpc as pb_grpc
 
 from libs.convert import error_from_pb, spec_to_pb
+from libs.jobs import Artifact
 from libs.settings import SchedulerSettings
 from services.scheduler.hub import Hub
 from services.scheduler.queues import Queues
 from services.scheduler.store import JobStore
-from services.scheduler.worker_link import AssignJob, ImageReport, WorkerLink
+from services.scheduler.worker_link import AssignJob, WorkerLink
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             elif kind == "completed":
                 done = msg.completed
                 images = [
-                    ImageReport(i.index, i.mime_type, i.size_bytes, i.sha256, i.seed, i.width, i.height)
+                    Artifact(i.index, i.mime_type, i.size_bytes, i.sha256, i.seed, i.width, i.height)
                     for i in done.images
                 ]
                 await link.completed(done.job_id, done.attempt, images)
