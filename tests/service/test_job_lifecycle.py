@@ -151,7 +151,7 @@ async def test_cancel_at_step_ten_stops_within_two_steps_without_artifacts(stack
             job_pb2.Job(
                 model="tiny-sd",
                 text_to_image=job_pb2.TextToImage(
-                    prompt="a long one", width=256, height=256, steps=50, seed=9
+                    prompt="a long one", width=384, height=384, steps=50, seed=9
                 ),
             )
         )
