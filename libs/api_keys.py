@@ -17,7 +17,6 @@ from libs.errors import InvalidArgument
 _KEY = re.compile(r"kiln_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 _TENANT = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 DEFAULT_TIER = "free"
-TIERS = ("free", "pro", "enterprise")
 
 
 @dataclass(frozen=True)
@@ -61,6 +60,18 @@ class ApiKeys:
         )
         await self._redis.sadd(keys.api_key_index(), key_id)
         return f"kiln_{key_id}_{secret}"
+
+    async def set_tier(self, key_id: str, tier: str) -> bool:
+        """Moves a key to another tier; the gateway reads it on every call, so it applies at once."""
+        if not _TENANT.fullmatch(tier):
+            raise InvalidArgument.field(
+                "tier", "must be a tier name: free, pro, enterprise or a configured one"
+            )
+        key = keys.api_key(key_id)
+        if not await self._redis.exists(key):
+            return False
+        await self._redis.hset(key, "tier", tier)
+        return True
 
     async def revoke(self, key_id: str) -> bool:
         removed = await self._redis.delete(keys.api_key(key_id))

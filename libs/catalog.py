@@ -33,6 +33,8 @@ class ModelSpec(BaseModel):
     default_guidance: float = 7.5
     max_num_images: int = 4
     max_prompt_chars: int = 2000
+    # Compute units relative to the reference model (SD 1.5 at 512x512, 25 steps = 1 CU).
+    cost_factor: float = Field(default=1.0, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
@@ -55,6 +57,7 @@ TINY_SD = ModelSpec(
     default_size=64,
     max_steps=150,
     default_steps=4,
+    cost_factor=0.05,
 )
 
 

@@ -6,7 +6,7 @@
     ├── PermissionDenied        PERMISSION_DENIED    403
     ├── NotFound                NOT_FOUND            404
     ├── FailedPrecondition      FAILED_PRECONDITION  409
-    ├── ResourceExhausted       RESOURCE_EXHAUSTED   429  (+ RetryInfo)
+    ├── ResourceExhausted       RESOURCE_EXHAUSTED   429  (+ RetryInfo, QuotaFailure)
     ├── Unavailable             UNAVAILABLE          503  (+ RetryInfo)
     ├── DeadlineExceeded        DEADLINE_EXCEEDED    504
     └── Internal                INTERNAL             500  (message never reaches the client)
@@ -28,6 +28,12 @@ class FieldViolation:
     description: str
 
 
+@dataclass(frozen=True)
+class QuotaViolation:
+    subject: str
+    description: str
+
+
 class KilnError(Exception):
     code: ClassVar[str] = "UNKNOWN"
     http_status: ClassVar[int] = 500
@@ -41,6 +47,7 @@ class KilnError(Exception):
         metadata: dict[str, str] | None = None,
         violations: list[FieldViolation] | None = None,
         retry_after_s: float | None = None,
+        quota_violations: list[QuotaViolation] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -48,6 +55,7 @@ class KilnError(Exception):
         self.metadata = dict(metadata or {})
         self.violations = list(violations or [])
         self.retry_after_s = retry_after_s
+        self.quota_violations = list(quota_violations or [])
 
 
 class InvalidArgument(KilnError):

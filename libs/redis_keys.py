@@ -32,6 +32,16 @@ def request_id(tenant: str, request_id: str) -> str:
     return f"{_tenant(tenant)}:request:{request_id}"
 
 
+def usage(tenant: str) -> str:
+    """Hash of the tenant's live counters: `in_flight` jobs and `queued_cu`."""
+    return f"{_tenant(tenant)}:usage"
+
+
+def rate_policy(tenant: str, policy: str) -> str:
+    """A GCRA policy's theoretical arrival time (ms, Redis clock), expiring when it is in the past."""
+    return f"{_tenant(tenant)}:gcra:{policy}"
+
+
 def tenant_jobs(tenant: str) -> str:
     """Sorted set of the tenant's job ids, all at score 0 so ZRANGE BYLEX orders them by id (age)."""
     return f"{_tenant(tenant)}:jobs"

@@ -17,7 +17,7 @@ from google.protobuf import duration_pb2, json_format
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from libs.errors import BY_CODE, DOMAIN, FieldViolation, Internal, KilnError, Unavailable
+from libs.errors import BY_CODE, DOMAIN, FieldViolation, Internal, KilnError, QuotaViolation, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,15 @@ def to_status(err: KilnError) -> status_pb2.Status:
                 ]
             )
         )
+    if err.quota_violations:
+        status.details.add().Pack(
+            error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(subject=v.subject, description=v.description)
+                    for v in err.quota_violations
+                ]
+            )
+        )
     if err.retry_after_s is not None:
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(int(err.retry_after_s * 1000))
@@ -52,6 +61,7 @@ def from_status(status: status_pb2.Status) -> KilnError:
     metadata: dict[str, str] = {}
     violations: list[FieldViolation] = []
     retry_after_s: float | None = None
+    quota: list[QuotaViolation] = []
     for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
@@ -61,12 +71,21 @@ def from_status(status: status_pb2.Status) -> KilnError:
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
             violations = [FieldViolation(v.field, v.description) for v in bad.field_violations]
+        elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            failure = error_details_pb2.QuotaFailure()
+            detail.Unpack(failure)
+            quota = [QuotaViolation(v.subject, v.description) for v in failure.violations]
         elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
             retry = error_details_pb2.RetryInfo()
             detail.Unpack(retry)
             retry_after_s = retry.retry_delay.ToMilliseconds() / 1000
     return cls(
-        status.message, reason=reason, metadata=metadata, violations=violations, retry_after_s=retry_after_s
+        status.message,
+        reason=reason,
+        metadata=metadata,
+        violations=violations,
+        retry_after_s=retry_after_s,
+        quota_violations=quota,
     )
 
 

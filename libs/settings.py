@@ -19,6 +19,7 @@ from pydantic_settings import (
 )
 
 from libs.catalog import ModelSpec, build_catalog
+from libs.tiers import Tier, build_tiers
 
 
 class CommonSettings(BaseSettings):
@@ -31,6 +32,8 @@ class CommonSettings(BaseSettings):
     # "none", "console", or "otlp" (configured by the standard OTEL_EXPORTER_OTLP_* variables).
     otel_exporter: str = "none"
     models: dict[str, ModelSpec] = Field(default_factory=dict)
+    # [tiers.NAME] tables: overrides of the default tiers' fields, or new tiers.
+    tiers: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @classmethod
     def settings_customise_sources(
@@ -49,6 +52,9 @@ class CommonSettings(BaseSettings):
 
     def catalog(self) -> dict[str, ModelSpec]:
         return build_catalog(self.models)
+
+    def tier_table(self) -> dict[str, Tier]:
+        return build_tiers(self.tiers)
 
 
 class GatewaySettings(CommonSettings):

@@ -27,6 +27,35 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
+def _tier(**fields: float) -> dict[str, float]:
+    """A tier roomy in everything but what a test sets."""
+    roomy = {
+        "cu_per_second": 1000,
+        "cu_burst": 1000,
+        "daily_cu_quota": 100_000,
+        "requests_per_second": 1000,
+        "request_burst": 1000,
+        "max_in_flight": 1000,
+        "max_queued_cu": 10_000,
+        "max_pixels": 1024 * 1024,
+        "max_steps": 150,
+        "max_num_images": 4,
+        "dispatch_weight": 1,
+        "max_queue_wait_s": 600,
+    }
+    return {**roomy, **fields}
+
+
+# Tiers the admission tests use, on top of the shipped free/pro/enterprise.
+TEST_TIERS: dict[str, dict[str, float]] = {
+    "burst5": _tier(cu_burst=5, cu_per_second=0.01),
+    "burst100": _tier(cu_burst=100, cu_per_second=0.01),
+    "daily3": _tier(daily_cu_quota=3),
+    "retry2s": _tier(cu_burst=1, cu_per_second=0.5),
+    "qcap10": _tier(max_queued_cu=10),
+}
+
+
 @pytest.fixture(scope="session")
 def local_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tiny-sd saved as an ordinary diffusers directory, so `from_pretrained` is exercised."""
@@ -62,7 +91,12 @@ async def stack(redis_server: RedisServer, local_model_dir: Path) -> AsyncIterat
     # A short socket timeout, so tests that wait longer than it show blocking reads survive it.
     scheduler = SchedulerApp(
         SchedulerSettings(
-            redis_url=url, scheduler_port=0, dispatch_poll_seconds=0.2, redis_socket_timeout_seconds=1.0
+            redis_url=url,
+            scheduler_port=0,
+            dispatch_poll_seconds=0.2,
+            redis_socket_timeout_seconds=1.0,
+            models=models,
+            tiers=TEST_TIERS,
         )
     )
     await scheduler.start()
@@ -81,13 +115,19 @@ async def stack(redis_server: RedisServer, local_model_dir: Path) -> AsyncIterat
     assert worker.link is not None
     gateway = GatewayApp(
         GatewaySettings(
-            redis_url=url, scheduler_address=address, gateway_grpc_port=0, gateway_http_port=0, models=models
+            redis_url=url,
+            scheduler_address=address,
+            gateway_grpc_port=0,
+            gateway_http_port=0,
+            models=models,
+            tiers=TEST_TIERS,
         )
     )
     await gateway.start()
     redis = Redis.from_url(url)
     keys = ApiKeys(redis)
-    key_a, key_b = await keys.create("tenant-a"), await keys.create("tenant-b")
+    # The big tier, so the suite's own pace of submits never meets a rate limit.
+    key_a, key_b = await keys.create("tenant-a", "enterprise"), await keys.create("tenant-b", "enterprise")
     await redis.aclose()
     await asyncio.wait_for(worker.link.connected.wait(), timeout=30)
     yield Stack(

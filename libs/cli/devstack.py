@@ -70,7 +70,7 @@ class LocalStack:
                 key = saved.read_text().strip()
                 if await keys.lookup(key) is not None:
                     return key
-            key = await keys.create("dev")
+            key = await keys.create("dev", "enterprise")
             saved.write_text(key)
             saved.chmod(0o600)
             return key

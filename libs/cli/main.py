@@ -11,7 +11,7 @@ from pathlib import Path
 from kiln.v1 import job_pb2
 from redis.asyncio import Redis
 
-from libs.api_keys import TIERS, ApiKeys
+from libs.api_keys import ApiKeys
 from libs.cli.devstack import REDIS_URL_FILE, run_stack
 from libs.cli.generate import generate
 from libs.errors import KilnError
@@ -33,6 +33,10 @@ async def _keys(args: argparse.Namespace) -> None:
     try:
         if args.keys_command == "create":
             print(await keys.create(args.tenant, args.tier))
+        elif args.keys_command == "set-tier":
+            if not await keys.set_tier(args.key_id, args.tier):
+                raise SystemExit(f"no key with id {args.key_id}")
+            print(f"{args.key_id} is now on the {args.tier} tier")
         elif args.keys_command == "revoke":
             if not await keys.revoke(args.key_id):
                 raise SystemExit(f"no key with id {args.key_id}")
@@ -67,7 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create")
     create.add_argument("--tenant", required=True, help="a-z, 0-9 and '-', up to 63 characters")
-    create.add_argument("--tier", default="free", choices=TIERS, help="recorded with the key (default: free)")
+    create.add_argument(
+        "--tier", default="free", help="free, pro, enterprise or a [tiers.NAME] of the config"
+    )
+    set_tier = keys_sub.add_parser("set-tier", help="move a key to another tier (applies to its next call)")
+    set_tier.add_argument("key_id", help="the 16 hex characters after 'kiln_'")
+    set_tier.add_argument("tier", help="free, pro, enterprise or a [tiers.NAME] of the config")
     revoke = keys_sub.add_parser("revoke")
     revoke.add_argument("key_id", help="the 16 hex characters after 'kiln_'")
     keys_sub.add_parser("list")

@@ -33,6 +33,7 @@ class GatewayApp:
         self.api = JobsApi(
             scheduler_service_pb2_grpc.SchedulerServiceStub(self.channel),
             settings.catalog(),
+            settings.tier_table(),
             timeout_s=settings.scheduler_timeout_seconds,
         )
         self.authenticate = Authenticator(ApiKeys(self.redis))

@@ -19,15 +19,22 @@ from libs.api_keys import Principal
 from libs.catalog import ModelSpec
 from libs.convert import spec_to_pb
 from libs.telemetry import current_traceparent, tracer
+from libs.tiers import Tier, tier_of
 from services.gateway.validation import check_request_id, fingerprint, resolve
 
 
 class JobsApi:
     def __init__(
-        self, scheduler: spb_grpc.SchedulerServiceStub, catalog: dict[str, ModelSpec], *, timeout_s: float
+        self,
+        scheduler: spb_grpc.SchedulerServiceStub,
+        catalog: dict[str, ModelSpec],
+        tiers: dict[str, Tier],
+        *,
+        timeout_s: float,
     ) -> None:
         self._scheduler = scheduler
         self._catalog = catalog
+        self._tiers = tiers
         self._timeout_s = timeout_s
 
     async def CreateJob(self, principal: Principal, request: pb.CreateJobRequest) -> pb.CreateJobResponse:
@@ -35,12 +42,15 @@ class JobsApi:
             "CreateJob", kind=SpanKind.SERVER, attributes={"kiln.tenant": principal.tenant}
         ) as span:
             check_request_id(request.request_id)
-            model, spec = resolve(request.job, self._catalog)
+            model, spec = resolve(
+                request.job, self._catalog, principal.tier, tier_of(self._tiers, principal.tier)
+            )
             span.set_attribute("kiln.model", model)
             resolved = job_pb2.Job(model=model, text_to_image=spec_to_pb(spec))
             reply = await self._scheduler.SubmitJob(
                 spb.SubmitJobRequest(
                     tenant=principal.tenant,
+                    tier=principal.tier,
                     job=resolved,
                     request_id=request.request_id,
                     request_fingerprint=fingerprint(request.job),

@@ -17,6 +17,7 @@ from kiln.v1 import job_pb2
 from libs.catalog import ModelSpec
 from libs.errors import FieldViolation, InvalidArgument
 from libs.jobs import TextToImage
+from libs.tiers import Tier
 
 MAX_SEED = 2**63 - 1
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
@@ -52,7 +53,34 @@ def _text(violations: list[FieldViolation], field: str, value: str, limit: int, 
         violations.append(FieldViolation(field, f"must be at most {limit} characters, got {len(value)}"))
 
 
-def resolve(job: job_pb2.Job, catalog: dict[str, ModelSpec]) -> tuple[str, TextToImage]:
+def _tier_limits(violations: list[FieldViolation], spec: TextToImage, tier_name: str, tier: Tier) -> None:
+    """The tier's caps, checked once the model's rules hold (so each field gets one complaint)."""
+    if spec.width * spec.height > tier.max_pixels:
+        violations.append(
+            FieldViolation(
+                f"{_T2I}.width",
+                f"width x height must be at most {tier.max_pixels} pixels on the {tier_name} tier, "
+                f"got {spec.width}x{spec.height}",
+            )
+        )
+    if spec.steps > tier.max_steps:
+        violations.append(
+            FieldViolation(
+                f"{_T2I}.steps", f"must be at most {tier.max_steps} on the {tier_name} tier, got {spec.steps}"
+            )
+        )
+    if spec.num_images > tier.max_num_images:
+        violations.append(
+            FieldViolation(
+                f"{_T2I}.num_images",
+                f"must be at most {tier.max_num_images} on the {tier_name} tier, got {spec.num_images}",
+            )
+        )
+
+
+def resolve(
+    job: job_pb2.Job, catalog: dict[str, ModelSpec], tier_name: str, tier: Tier
+) -> tuple[str, TextToImage]:
     """Returns (model, fully resolved input) or raises InvalidArgument listing every violation."""
     spec = catalog.get(job.model)
     if spec is None:
@@ -88,16 +116,7 @@ def resolve(job: job_pb2.Job, catalog: dict[str, ModelSpec]) -> tuple[str, TextT
         )
     seed = t2i.seed if t2i.HasField("seed") else secrets.randbelow(2**53)
     _int_range(violations, f"{_T2I}.seed", seed, 0, MAX_SEED - spec.max_num_images)
-    if violations:
-        first = violations[0]
-        raise InvalidArgument(
-            f"{first.field}: {first.description}"
-            + (f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""),
-            reason="INVALID_FIELD",
-            metadata={"field": first.field},
-            violations=violations,
-        )
-    return spec.name, TextToImage(
+    resolved = TextToImage(
         prompt=t2i.prompt,
         negative_prompt=t2i.negative_prompt,
         width=width,
@@ -107,6 +126,18 @@ def resolve(job: job_pb2.Job, catalog: dict[str, ModelSpec]) -> tuple[str, TextT
         seed=seed,
         num_images=num_images,
     )
+    if not violations:
+        _tier_limits(violations, resolved, tier_name, tier)
+    if violations:
+        first = violations[0]
+        raise InvalidArgument(
+            f"{first.field}: {first.description}"
+            + (f" (and {len(violations) - 1} more)" if len(violations) > 1 else ""),
+            reason="INVALID_FIELD",
+            metadata={"field": first.field},
+            violations=violations,
+        )
+    return spec.name, resolved
 
 
 def check_request_id(request_id: str) -> None:

@@ -25,6 +25,7 @@ class SchedulerApi(pb_grpc.SchedulerServiceServicer):
     async def SubmitJob(self, request: pb.SubmitJobRequest, context: Ctx) -> pb.SubmitJobResponse:
         record = await self._jobs.submit(
             request.tenant,
+            request.tier,
             request.job.model,
             spec_from_pb(request.job.text_to_image),
             request_id=request.request_id,

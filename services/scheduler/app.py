@@ -37,7 +37,14 @@ class SchedulerApp:
         self.hub = Hub(self.redis)
         # Blocking reads must return well inside the socket timeout, or they fail as timeouts.
         watch_block_ms = max(100, int(settings.redis_socket_timeout_seconds * 500))
-        self.jobs = Jobs(self.store, self.queues, self.hub, watch_block_ms=watch_block_ms)
+        self.jobs = Jobs(
+            self.store,
+            self.queues,
+            self.hub,
+            watch_block_ms=watch_block_ms,
+            tiers=settings.tier_table(),
+            catalog=settings.catalog(),
+        )
         self.workers = WorkerService(self.store, self.queues, self.hub, settings)
         self.port = 0
         self._server: grpc.aio.Server | None = None

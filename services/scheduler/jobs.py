@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from libs.errors import NotFound
+from libs.catalog import ModelSpec
+from libs.cost import compute_units
+from libs.errors import InvalidArgument, NotFound
 from libs.jobs import JobRecord, TextToImage, artifact_name
+from libs.tiers import Tier, tier_of
+from services.scheduler.admission import terms
 from services.scheduler.hub import Hub
 from services.scheduler.queues import Queues
 from services.scheduler.store import JobStore
@@ -14,8 +18,19 @@ ARTIFACT_CHUNK_BYTES = 1 << 20
 
 
 class Jobs:
-    def __init__(self, store: JobStore, queues: Queues, hub: Hub, *, watch_block_ms: int) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        queues: Queues,
+        hub: Hub,
+        *,
+        watch_block_ms: int,
+        tiers: dict[str, Tier],
+        catalog: dict[str, ModelSpec],
+    ) -> None:
         self._watch_block_ms = watch_block_ms
+        self._tiers = tiers
+        self._catalog = catalog
         self._store = store
         self._queues = queues
         self._hub = hub
@@ -23,6 +38,7 @@ class Jobs:
     async def submit(
         self,
         tenant: str,
+        tier: str,
         model: str,
         spec: TextToImage,
         *,
@@ -30,8 +46,18 @@ class Jobs:
         fingerprint: str = "",
         traceparent: str = "",
     ) -> JobRecord:
+        model_spec = self._catalog.get(model)
+        if model_spec is None:
+            raise InvalidArgument.field("job.model", f"must be one of: {', '.join(sorted(self._catalog))}")
+        cost = compute_units(spec, model_spec.cost_factor)
         record, created = await self._store.create(
-            tenant, model, spec, request_id=request_id, fingerprint=fingerprint, traceparent=traceparent
+            tenant,
+            model,
+            spec,
+            terms(tier, tier_of(self._tiers, tier), cost),
+            request_id=request_id,
+            fingerprint=fingerprint,
+            traceparent=traceparent,
         )
         if created:
             await self._queues.enqueue(tenant, record.id, model)

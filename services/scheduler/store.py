@@ -18,6 +18,7 @@ from libs import redis_keys as keys
 from libs.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
 from libs.jobs import Artifact, JobError, JobRecord, State, TextToImage, new_job_id
 from services.scheduler import records
+from services.scheduler.admission import Terms, refusal
 from services.scheduler.scripts import Scripts
 
 REQUEST_ID_TTL_S = 24 * 3600
@@ -62,12 +63,14 @@ class JobStore:
         tenant: str,
         model: str,
         spec: TextToImage,
+        terms: Terms,
         *,
         request_id: str = "",
         fingerprint: str = "",
         traceparent: str = "",
     ) -> tuple[JobRecord, bool]:
-        """Returns the job and whether it is new (False: replayed for the same request_id)."""
+        """Admits and creates the job under `terms`, or raises the refusal; returns the job and
+        whether it is new (False: replayed for the same request_id, not charged again)."""
         job_id = new_job_id()
         fingerprint = (
             fingerprint
@@ -84,10 +87,25 @@ class JobStore:
                 keys.job_events(tenant, job_id),
                 keys.tenant_jobs(tenant),
                 request_key,
+                keys.usage(tenant),
+                *(keys.rate_policy(tenant, p.name) for p in terms.policies),
             ],
-            args=[job_id, str(REQUEST_ID_TTL_S if request_id else 0), fingerprint, *flat],
+            args=[
+                job_id,
+                str(REQUEST_ID_TTL_S if request_id else 0),
+                fingerprint,
+                str(terms.cost),
+                str(terms.max_in_flight),
+                str(terms.max_queued_cu),
+                str(len(terms.policies)),
+                *(arg for p in terms.policies for arg in p.args()),
+                *flat,
+            ],
         )
-        status, found_id = (v.decode() for v in result)
+        status, found_id, *refused = (v.decode() for v in result)
+        if status in ("LIMITED", "IN_FLIGHT", "QUEUE_FULL"):
+            retry_ms, limit = refused
+            raise refusal(tenant, terms, status, found_id, int(retry_ms), limit)
         if status == "MISMATCH":
             raise FailedPrecondition(
                 f"request_id {request_id!r} was already used for a different job",
@@ -149,7 +167,12 @@ class JobStore:
         terminal = new_state is not None and new_state.terminal
         flat = [item for pair in (fields or {}).items() for item in pair]
         result = await self._scripts.transition(
-            keys=[keys.job(tenant, job_id), keys.job_events(tenant, job_id), *(k for k, _ in blobs)],
+            keys=[
+                keys.job(tenant, job_id),
+                keys.job_events(tenant, job_id),
+                keys.usage(tenant),
+                *(k for k, _ in blobs),
+            ],
             args=[
                 attempt,
                 allowed,

@@ -16,6 +16,8 @@ from redis.asyncio import Redis
 
 from libs.jobs import Artifact, State, TextToImage
 from libs.sdk.client import KilnClient
+from libs.tiers import DEFAULT_TIERS
+from services.scheduler.admission import terms
 from services.scheduler.scripts import Scripts
 from services.scheduler.store import JobStore
 from tests.conftest import Stack
@@ -169,7 +171,8 @@ async def test_a_cancel_accepted_while_running_wins_over_a_late_success(stack: S
     redis = Redis.from_url(stack.redis_url)
     store = JobStore(redis, Scripts(redis), job_ttl_s=60, artifact_ttl_s=60)
     try:
-        record, _ = await store.create("tenant-race", "tiny-sd", TextToImage("p", "", 64, 64, 4, 7.5, 1, 1))
+        spec = TextToImage("p", "", 64, 64, 4, 7.5, 1, 1)
+        record, _ = await store.create("tenant-race", "tiny-sd", spec, terms("pro", DEFAULT_TIERS["pro"], 1))
         assert (await store.start("tenant-race", record.id, 1, "w")).ok
         after_cancel, running = await store.cancel("tenant-race", record.id)
         assert running and after_cancel.state is State.RUNNING and after_cancel.cancel_requested

@@ -1,6 +1,11 @@
--- Creates a job, its first event and its index entry in one step, honouring request_id.
--- KEYS: job, events, tenant_jobs, request (may be a dummy when no request_id)
--- ARGV: job_id, request_ttl_s ("0" = no request_id), fingerprint, field/value pairs...
+-- Admits and creates a job in one step: idempotency, the tenant's caps, every rate policy checked
+-- before any is spent, then the job, its first event, its index entry and the usage counters.
+-- A refusal writes nothing.
+-- KEYS: job, events, tenant_jobs, request (a dummy when no request_id), usage, policy keys...
+-- ARGV[1] job_id  [2] request_ttl_s ("0" = no request_id)  [3] fingerprint  [4] cost (CU)
+-- ARGV[5] max_in_flight  [6] max_queued_cu  [7] number of policies n
+-- ARGV[8 ..] per policy: name, emission interval (ms per unit), burst (units), units charged
+-- then field/value pairs of the job
 if ARGV[2] ~= "0" then
   local seen = redis.call("HGET", KEYS[4], "job_id")
   if seen then
@@ -14,8 +19,38 @@ if redis.call("EXISTS", KEYS[1]) == 1 then
   return {"DUPLICATE_ID", ARGV[1]}
 end
 local t = redis.call("TIME")
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call("HSET", KEYS[1], "create_ms", now, unpack(ARGV, 4))
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local cost = tonumber(ARGV[4])
+local in_flight = tonumber(redis.call("HGET", KEYS[5], "in_flight") or "0")
+if in_flight >= tonumber(ARGV[5]) then
+  return {"IN_FLIGHT", "in_flight", "1000", ARGV[5]}
+end
+local queued = tonumber(redis.call("HGET", KEYS[5], "queued_cu") or "0")
+if queued + cost > tonumber(ARGV[6]) then
+  return {"QUEUE_FULL", "queued_cu", "1000", ARGV[6]}
+end
+-- GCRA: a policy's state is its theoretical arrival time (TAT); a charge of u units moves it
+-- u * interval later, and is allowed while TAT - now stays within burst * interval.
+local n = tonumber(ARGV[7])
+local tats = {}
+local base = 8 + 4 * n
+for i = 1, n do
+  local a = 8 + 4 * (i - 1)
+  local interval, burst, units = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local tat = math.max(tonumber(redis.call("GET", KEYS[5 + i]) or "0"), now)
+  local new_tat = tat + units * interval
+  local excess = new_tat - now - burst * interval
+  if excess > 0 then
+    return {"LIMITED", ARGV[a], tostring(math.ceil(excess)), ARGV[a + 2]}
+  end
+  tats[i] = new_tat
+end
+for i = 1, n do
+  redis.call("SET", KEYS[5 + i], string.format("%.3f", tats[i]), "PX", math.max(1, math.ceil(tats[i] - now)))
+end
+redis.call("HINCRBY", KEYS[5], "in_flight", 1)
+redis.call("HINCRBY", KEYS[5], "queued_cu", cost)
+redis.call("HSET", KEYS[1], "create_ms", math.floor(now), "cost", cost, unpack(ARGV, base))
 redis.call("ZADD", KEYS[3], 0, ARGV[1])
 if ARGV[2] ~= "0" then
   redis.call("HSET", KEYS[4], "job_id", ARGV[1], "fingerprint", ARGV[3])

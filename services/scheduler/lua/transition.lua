@@ -1,6 +1,6 @@
 -- Moves a job between states (or updates it in place), fenced by its attempt, and appends the
 -- resulting snapshot to its event stream. Optionally stores artifact blobs in the same step.
--- KEYS: job, events, blob keys...
+-- KEYS: job, events, the tenant's usage counters, blob keys...
 -- ARGV[1] attempt condition: "" any, "=N" attempt must be N, "<N" attempt must be below N
 -- ARGV[2] allowed current states, comma separated (e.g. "QUEUED,RUNNING")
 -- ARGV[3] new state, "" to keep
@@ -27,9 +27,9 @@ if not allowed then return {"STATE", state} end
 if ARGV[6] == "1" and redis.call("HGET", KEYS[1], "cancel_requested") == "1" then
   return {"CANCEL_REQUESTED", state}
 end
-local nblobs = #KEYS - 2
+local nblobs = #KEYS - 3
 for i = 1, nblobs do
-  redis.call("SET", KEYS[2 + i], ARGV[7 + i], "EX", tonumber(ARGV[7]))
+  redis.call("SET", KEYS[3 + i], ARGV[7 + i], "EX", tonumber(ARGV[7]))
 end
 local fields = {}
 for i = 8 + nblobs, #ARGV do fields[#fields + 1] = ARGV[i] end
@@ -43,6 +43,16 @@ if ARGV[4] ~= "" then
   fields[#fields + 1] = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 if #fields > 0 then redis.call("HSET", KEYS[1], unpack(fields)) end
+-- The tenant's counters follow the state: queued CU while QUEUED, in flight until terminal.
+local new_state = ARGV[3]
+local cost = redis.call("HGET", KEYS[1], "cost")
+if new_state ~= "" and new_state ~= state and cost then
+  if state == "QUEUED" then redis.call("HINCRBY", KEYS[3], "queued_cu", -tonumber(cost)) end
+  if new_state == "QUEUED" then redis.call("HINCRBY", KEYS[3], "queued_cu", tonumber(cost)) end
+  if new_state == "SUCCEEDED" or new_state == "FAILED" or new_state == "CANCELLED" then
+    redis.call("HINCRBY", KEYS[3], "in_flight", -1)
+  end
+end
 redis.call("XADD", KEYS[2], "*", unpack(redis.call("HGETALL", KEYS[1])))
 if ARGV[5] ~= "0" then
   redis.call("EXPIRE", KEYS[1], tonumber(ARGV[5]))

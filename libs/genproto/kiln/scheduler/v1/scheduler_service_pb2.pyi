@@ -28,6 +28,7 @@ class SubmitJobRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     REQUEST_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     request_id: _builtins.str
     traceparent: _builtins.str
@@ -36,6 +37,8 @@ class SubmitJobRequest(_message.Message):
     """Identifies the request as the client sent it, before defaults (a random seed) were filled
     in: a retry with the same request_id and the same fingerprint is the same job.
     """
+    tier: _builtins.str
+    """The caller's subscription tier, from its API key: the limits the job is admitted under."""
     @_builtins.property
     def job(self) -> _job_pb2.Job:
         """Fully resolved: every optional input field is set."""
@@ -48,10 +51,11 @@ class SubmitJobRequest(_message.Message):
         request_id: _builtins.str = ...,
         traceparent: _builtins.str = ...,
         request_fingerprint: _builtins.str = ...,
+        tier: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "request_fingerprint", b"request_fingerprint", "request_id", b"request_id", "tenant", b"tenant", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "request_fingerprint", b"request_fingerprint", "request_id", b"request_id", "tenant", b"tenant", "tier", b"tier", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
