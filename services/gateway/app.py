@@ -10,7 +10,8 @@ from kiln.scheduler.v1 import scheduler_service_pb2_grpc
 from kiln.v1 import job_service_pb2, job_service_pb2_grpc
 from redis.asyncio import Redis
 
-from libs.api_keys import ApiKeys
+from libs.api_keys import ApiKeys, Principal
+from libs.ratelimit import header_fields, read_status
 from libs.serving import GRPC_OPTIONS, serve, start_grpc
 from libs.settings import GatewaySettings
 from services.gateway import http_logging
@@ -30,10 +31,11 @@ class GatewayApp:
             settings.redis_url, max_connections=200, socket_timeout=settings.redis_socket_timeout_seconds
         )
         self.channel = grpc.aio.insecure_channel(settings.scheduler_address, options=GRPC_OPTIONS)
+        self.tiers = settings.tier_table()
         self.api = JobsApi(
             scheduler_service_pb2_grpc.SchedulerServiceStub(self.channel),
             settings.catalog(),
-            settings.tier_table(),
+            self.tiers,
             timeout_s=settings.scheduler_timeout_seconds,
         )
         self.authenticate = Authenticator(ApiKeys(self.redis))
@@ -44,7 +46,7 @@ class GatewayApp:
 
     async def start(self) -> None:
         http_logging.install()
-        servicer = JobServiceServicer(self.api, self.authenticate)
+        servicer = JobServiceServicer(self.api, self.authenticate, self.quota_headers)
         self._server, self.grpc_port, _ = await start_grpc(
             self.settings.gateway_host,
             self.settings.gateway_grpc_port,
@@ -53,13 +55,25 @@ class GatewayApp:
         )
         openapi = build_openapi(JOB_SERVICE, title="Kiln API", version="v1")
         app = build_rest_app(
-            JOB_SERVICE, self.api, self.authenticate, openapi, max_body_bytes=self.settings.max_body_bytes
+            JOB_SERVICE,
+            self.api,
+            self.authenticate,
+            openapi,
+            max_body_bytes=self.settings.max_body_bytes,
+            response_headers=self.quota_headers,
         )
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.gateway_host, self.settings.gateway_http_port)
         await site.start()
         self.http_port = self._runner.addresses[0][1]
+
+    async def quota_headers(self, principal: Principal) -> dict[str, str]:
+        """RateLimit-Policy and RateLimit for the caller, read from the policies' state in Redis."""
+        tier = self.tiers.get(principal.tier)
+        if tier is None:
+            return {}
+        return header_fields(await read_status(self.redis, principal.tenant, tier))
 
     def ready_info(self) -> dict[str, int]:
         return {"grpc": self.grpc_port, "http": self.http_port}

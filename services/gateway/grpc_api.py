@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 from google.api import httpbody_pb2
@@ -19,10 +19,18 @@ from services.gateway.jobs_api import JobsApi
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
+QuotaHeaders = Callable[[Principal], Awaitable[dict[str, str]]]
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
 class JobServiceServicer(pb_grpc.JobServiceServicer):
-    def __init__(self, api: JobsApi, authenticate: Authenticator) -> None:
+    """Every authenticated call answers with the caller's rate-limit state as initial metadata."""
+
+    def __init__(self, api: JobsApi, authenticate: Authenticator, quota_headers: QuotaHeaders) -> None:
         self._api = api
         self._authenticate = authenticate
+        self._quota_headers = quota_headers
 
     async def _principal(self, context: Ctx) -> Principal:
         values = [v for k, v in context.invocation_metadata() or () if k == "authorization"]
@@ -31,30 +39,51 @@ class JobServiceServicer(pb_grpc.JobServiceServicer):
         value = values[0] if values else None
         return await self._authenticate(value if isinstance(value, str) else None)
 
+    async def _send_quota(self, context: Ctx, principal: Principal) -> None:
+        headers = await self._quota_headers(principal)
+        await context.send_initial_metadata(tuple((k.lower(), v) for k, v in headers.items()))
+
+    async def _unary(
+        self, context: Ctx, request: Req, method: Callable[[Principal, Req], Awaitable[Resp]]
+    ) -> Resp:
+        principal = await self._principal(context)
+        try:
+            return await method(principal, request)
+        finally:  # after the call, so a CreateJob's own spend shows; errors carry it too
+            await self._send_quota(context, principal)
+
+    async def _stream(
+        self, context: Ctx, request: Req, method: Callable[[Principal, Req], AsyncIterator[Resp]]
+    ) -> AsyncIterator[Resp]:
+        principal = await self._principal(context)
+        await self._send_quota(context, principal)
+        async for item in method(principal, request):
+            yield item
+
     @grpc_boundary
     async def CreateJob(self, request: pb.CreateJobRequest, context: Ctx) -> pb.CreateJobResponse:
-        return await self._api.CreateJob(await self._principal(context), request)
+        return await self._unary(context, request, self._api.CreateJob)
 
     @grpc_boundary
     async def GetJob(self, request: pb.GetJobRequest, context: Ctx) -> pb.GetJobResponse:
-        return await self._api.GetJob(await self._principal(context), request)
+        return await self._unary(context, request, self._api.GetJob)
 
     @grpc_boundary
     async def ListJobs(self, request: pb.ListJobsRequest, context: Ctx) -> pb.ListJobsResponse:
-        return await self._api.ListJobs(await self._principal(context), request)
+        return await self._unary(context, request, self._api.ListJobs)
 
     @grpc_boundary
     async def CancelJob(self, request: pb.CancelJobRequest, context: Ctx) -> pb.CancelJobResponse:
-        return await self._api.CancelJob(await self._principal(context), request)
+        return await self._unary(context, request, self._api.CancelJob)
 
     @grpc_boundary
     async def WatchJob(self, request: pb.WatchJobRequest, context: Ctx) -> AsyncIterator[pb.WatchJobResponse]:
-        async for event in self._api.WatchJob(await self._principal(context), request):
+        async for event in self._stream(context, request, self._api.WatchJob):
             yield event
 
     @grpc_boundary
     async def ReadArtifact(
         self, request: pb.ReadArtifactRequest, context: Ctx
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
-        async for chunk in self._api.ReadArtifact(await self._principal(context), request):
+        async for chunk in self._stream(context, request, self._api.ReadArtifact):
             yield chunk

@@ -84,10 +84,18 @@ class _RestEdge:
         api: object,
         authenticate: Callable[[str | None], Awaitable[object]],
         max_body: int,
+        response_headers: Callable[[Any], Awaitable[dict[str, str]]] | None,
     ) -> None:
         self._router, self._api, self._authenticate, self._max_body = router, api, authenticate, max_body
+        self._response_headers = response_headers
+
+    async def _headers_for(self, principal: object) -> dict[str, str]:
+        if principal is None or self._response_headers is None:
+            return {}
+        return await self._response_headers(principal)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        principal: object = None
         try:
             route, path_vars = self._find(request)
             principal = await self._authenticate(request.headers.get("Authorization"))
@@ -97,11 +105,16 @@ class _RestEdge:
             _resume_from(request, message)
             call: Callable[[object, Message], Any] = getattr(self._api, route.method.name)
             if not route.server_streaming:
-                return web.json_response(encode_response(route, await call(principal, message)))
+                response = web.json_response(encode_response(route, await call(principal, message)))
+                response.headers.update(await self._headers_for(principal))
+                return response
             stream: AsyncIterator[Message] = call(principal, message)
         except Exception as exc:  # the boundary: every failure becomes a JSON error
-            return error_response(exc)
-        return await _stream(request, route, stream)
+            response = error_response(exc)
+            with contextlib.suppress(Exception):  # headers are a courtesy; the error is the answer
+                response.headers.update(await self._headers_for(principal))
+            return response
+        return await _stream(request, route, stream, await self._headers_for(principal))
 
     def _find(self, request: web.Request) -> tuple[Route, dict[str, str]]:
         raw_path = request.rel_url.raw_path  # still percent-encoded: "%2F" must not split a segment
@@ -140,25 +153,35 @@ def _resume_from(request: web.Request, message: Message) -> None:
         setattr(message, RESUME_FIELD, last_event_id)
 
 
-async def _stream(request: web.Request, route: Route, stream: AsyncIterator[Message]) -> web.StreamResponse:
+async def _stream(
+    request: web.Request, route: Route, stream: AsyncIterator[Message], headers: dict[str, str]
+) -> web.StreamResponse:
     """Nothing is sent before the first item, so an error up to then is still a plain JSON error."""
     try:
         try:
             first = await anext(stream, None)
         except Exception as exc:
-            return error_response(exc)
-        return await _pump(request, route, stream, first)
+            response = error_response(exc)
+            response.headers.update(headers)
+            return response
+        return await _pump(request, route, stream, first, headers)
     finally:
         await _close(stream)  # also when the client's disconnect cancelled this handler
 
 
 async def _pump(
-    request: web.Request, route: Route, stream: AsyncIterator[Message], item: Message | None
+    request: web.Request,
+    route: Route,
+    stream: AsyncIterator[Message],
+    item: Message | None,
+    headers: dict[str, str],
 ) -> web.StreamResponse:
     raw = route.method.output_type.full_name == HTTP_BODY
     content_type = cast(httpbody_pb2.HttpBody, item).content_type if raw and item else ""
     content_type = content_type or "application/octet-stream"
-    response = web.StreamResponse(headers={"Content-Type": content_type} if raw else SSE_HEADERS)
+    response = web.StreamResponse(
+        headers={**headers, **({"Content-Type": content_type} if raw else SSE_HEADERS)}
+    )
     try:
         await response.prepare(request)
         while item is not None:
@@ -186,13 +209,15 @@ def build_rest_app(
     openapi: dict[str, Any],
     *,
     max_body_bytes: int = 1 << 20,
+    response_headers: Callable[[P], Awaitable[dict[str, str]]] | None = None,
 ) -> web.Application:
+    """`response_headers` adds headers (the caller's rate-limit state) to every authenticated answer."""
     router = Router(routes_for(service))
     names = {route.method.name for route in router.routes}
     missing = sorted(name for name in names if not callable(getattr(api, name, None)))
     if missing:
         raise TypeError(f"the api object lacks {', '.join(missing)}")
-    edge = _RestEdge(router, api, authenticate, max_body_bytes)
+    edge = _RestEdge(router, api, authenticate, max_body_bytes, response_headers)
     # handler_cancellation: a client that disconnects cancels its handler, as a gRPC cancel would,
     # which closes a stream's async generator at once rather than at its next event.
     app = web.Application(client_max_size=max_body_bytes, handler_args={"handler_cancellation": True})

@@ -11,20 +11,8 @@ import math
 from dataclasses import dataclass
 
 from libs.errors import InvalidArgument, KilnError, QuotaViolation, ResourceExhausted, Unavailable
+from libs.ratelimit import Policy, tier_policies
 from libs.tiers import Tier
-
-DAY_MS = 86_400_000
-
-
-@dataclass(frozen=True)
-class Policy:
-    name: str
-    interval_ms: float  # one unit's worth of time: 1000 / rate
-    burst: int
-    units: int
-
-    def args(self) -> list[str]:
-        return [self.name, repr(self.interval_ms), str(self.burst), str(self.units)]
 
 
 @dataclass(frozen=True)
@@ -55,11 +43,7 @@ def terms(tier_name: str, tier: Tier, cost: int) -> Terms:
         cost=cost,
         max_in_flight=tier.max_in_flight,
         max_queued_cu=tier.max_queued_cu,
-        policies=(
-            Policy("cu", 1000 / tier.cu_per_second, tier.cu_burst, cost),
-            Policy("daily_cu", DAY_MS / tier.daily_cu_quota, tier.daily_cu_quota, cost),
-            Policy("requests", 1000 / tier.requests_per_second, tier.request_burst, 1),
-        ),
+        policies=tier_policies(tier, cost),
     )
 
 

@@ -16,6 +16,8 @@ import pytest
 from kiln.scheduler.v1 import scheduler_service_pb2 as spb
 from kiln.scheduler.v1 import scheduler_service_pb2_grpc as spb_grpc
 from kiln.v1 import job_pb2
+from kiln.v1 import job_service_pb2 as pb
+from kiln.v1 import job_service_pb2_grpc as pb_grpc
 from redis.asyncio import Redis
 
 from libs import redis_keys as keys
@@ -219,3 +221,37 @@ def test_cost_grows_with_pixels_steps_and_images() -> None:
     assert cu(512, 512, steps=50) == 2
     assert cu(512, 512, n=4) == 4
     assert compute_units(TextToImage("p", "", 64, 64, 4, 7.5, 1, 1), 0.05) == 1
+
+
+async def test_every_authenticated_answer_carries_ratelimit_fields(stack: Stack) -> None:
+    key, _ = await _key(stack, "tenant-headers", "burst5")
+    policy = '"cu";q=5;w=500, "daily_cu";q=100000;w=86400, "requests";q=1000;w=1'
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{stack.http_base}/v1/jobs", headers=auth(key)) as resp:
+            assert resp.headers["RateLimit-Policy"] == policy
+            assert resp.headers["RateLimit"] == '"cu";r=5;t=0, "daily_cu";r=100000;t=0, "requests";r=1000;t=0'
+        for _ in range(2):
+            status, headers, _ = await _submit(http, stack, key)
+        assert status == 200
+        assert headers["RateLimit"].startswith('"cu";r=3;t=200, "daily_cu";r=99998;t=2, "requests";r=')
+        for _ in range(3):
+            await _submit(http, stack, key)
+        status, headers, _ = await _submit(http, stack, key)
+        assert status == 429
+        assert headers["RateLimit"].startswith('"cu";r=0;t=500')
+        async with http.get(
+            f"{stack.http_base}/v1/jobs/01m8y0vm6w4w14c1j0xv06285r", headers=auth(key)
+        ) as resp:
+            assert resp.status == 404
+            assert resp.headers["RateLimit-Policy"] == policy
+        async with http.get(f"{stack.http_base}/v1/jobs", headers={"Authorization": "Bearer nope"}) as resp:
+            assert resp.status == 401
+            assert "RateLimit" not in resp.headers
+    async with grpc.aio.insecure_channel(stack.grpc_target) as channel:
+        call = pb_grpc.JobServiceStub(channel).ListJobs(
+            pb.ListJobsRequest(), metadata=(("authorization", f"Bearer {key}"),)
+        )
+        await call
+        metadata = {k: str(v) for k, v in await call.initial_metadata()}
+    assert metadata["ratelimit-policy"] == policy
+    assert metadata["ratelimit"].startswith('"cu";r=0;t=')
