@@ -49,6 +49,7 @@ test: deps lint typecheck
 
 bench: deps
 	$(PY) bench/e2e_latency.py
+	$(PY) bench/admission.py
 
 clean:
 	rm -rf $(VENV) node_modules .build .kiln
