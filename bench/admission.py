@@ -23,7 +23,7 @@ from libs.jobs import TextToImage
 from libs.redis_server import RedisServer
 from libs.tiers import Tier
 from services.scheduler.admission import terms
-from services.scheduler.queues import Queues
+from services.scheduler.queues import QueuedJob, Queues, queued
 from services.scheduler.scripts import Scripts
 from services.scheduler.store import JobStore
 
@@ -58,21 +58,23 @@ async def rate(op: Callable[[int], Awaitable[object]], count: int, concurrency: 
 
 
 async def claim_latency_us(redis: Redis, queues: Queues, depth: int, samples: int) -> float:
+    """Median claim time with `depth` jobs queued over 3 tiers and depth/1000 tenants per tier."""
     model = f"bench-{depth}"
-    await redis.delete(keys.queue(model))
-    batch = 50_000
-    for start in range(0, depth + samples, batch):
-        entries = [
-            keys.queue_entry("bench", f"{i:026d}") for i in range(start, min(start + batch, depth + samples))
-        ]
-        await redis.rpush(keys.queue(model), *entries)
+    tenants = max(1, depth // 1000)
+    per_list = (depth + samples) // (3 * tenants) + 1
+    for tier in ("free", "pro", "enterprise"):
+        for t in range(tenants):
+            tenant = f"t{t}"
+            await queues.enqueue(QueuedJob(tenant, tier, "0" * 26, model, 1))  # makes the tenant active
+            items = [f"{i:026d} 1" for i in range(1, per_list)]
+            await redis.rpush(f"{keys.DISPATCH_PREFIX}q:{model}:{tier}:{tenant}", *items)
     times = []
     for _ in range(samples):
         t0 = time.perf_counter()
         claim = await queues.claim("bench-worker", [model], 30_000)
         times.append(time.perf_counter() - t0)
         assert claim is not None
-    await redis.delete(keys.queue(model), keys.leases(), keys.lease_owners(), keys.attempts())
+    await redis.flushdb()
     return statistics.median(times) * 1e6
 
 
@@ -84,7 +86,7 @@ async def main(count: int) -> None:
         try:
             scripts = Scripts(redis)
             store = JobStore(redis, scripts, job_ttl_s=3600, artifact_ttl_s=3600)
-            queues = Queues(redis, scripts)
+            queues = Queues(redis, scripts, {"free": 1, "pro": 4, "enterprise": 16})
             admit, refuse = terms("roomy", ROOMY, 1), terms("exhausted", EXHAUSTED, 1)
             await store.create("bench-refused", "tiny-sd", SPEC, refuse)  # spends the only unit
 
@@ -120,7 +122,7 @@ async def main(count: int) -> None:
             jobs = 10_000
             for i in range(jobs):
                 record, _ = await store.create(f"tenant-{i % 100}", "tiny-sd", SPEC, admit)
-                await queues.enqueue(record.tenant, record.id, "tiny-sd")
+                await queues.enqueue(queued(record))
             after = int((await redis.info("memory"))["used_memory"])
             print(
                 f"\nRedis memory per queued job: {(after - before) / jobs:,.0f} bytes "

@@ -97,10 +97,13 @@ def job_to_pb(record: JobRecord) -> job_pb2.Job:
         progress=job_pb2.Progress(step=record.step, total_steps=record.total_steps),
         artifacts=[artifact_to_pb(record.id, a) for a in record.artifacts],
         attempt=record.attempt,
+        cost_units=record.cost,
         create_time=_timestamp(record.create_ms),
         start_time=_timestamp(record.start_ms),
         end_time=_timestamp(record.end_ms),
     )
     if record.error is not None:
         job.error.CopyFrom(error_to_pb(record.error))
+    if record.queue_timeout_ms:
+        job.queue_timeout.FromMilliseconds(record.queue_timeout_ms)
     return job

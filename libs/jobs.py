@@ -83,6 +83,9 @@ class JobRecord:
     cancel_requested: bool = False
     # W3C trace context of the request that created the job.
     traceparent: str = ""
+    tier: str = ""
+    cost: int = 0
+    queue_timeout_ms: int = 0
 
     @property
     def name(self) -> str:

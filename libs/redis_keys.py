@@ -47,9 +47,14 @@ def tenant_jobs(tenant: str) -> str:
     return f"{_tenant(tenant)}:jobs"
 
 
-def queue(model: str) -> str:
-    """FIFO list of `<tenant> <job id>` entries waiting for a worker that serves `model`."""
-    return f"{PREFIX}:{{sched}}:queue:{model}"
+DISPATCH_PREFIX = f"{PREFIX}:{{sched}}:"
+"""The dispatch script builds its per-model keys under this prefix (see lua/dispatch.lua):
+`tiers:<model>`, `tenants:<model>:<tier>`, `q:<model>:<tier>:<tenant>`, `vt:<model>`."""
+
+
+def queue_deadlines() -> str:
+    """Sorted set of queued jobs by the time their queue timeout ends (ms, Redis clock)."""
+    return f"{PREFIX}:{{sched}}:deadlines"
 
 
 def leases() -> str:

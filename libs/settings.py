@@ -76,6 +76,8 @@ class SchedulerSettings(CommonSettings):
     job_ttl_seconds: int = 7 * 24 * 3600
     # How long a dispatcher sleeps between checks when no wake-up arrives (a missed pub/sub hint).
     dispatch_poll_seconds: float = 0.5
+    # How often each replica looks for queued jobs past their queue timeout.
+    queue_expiry_interval_seconds: float = 0.25
 
 
 class WorkerSettings(CommonSettings):

@@ -47,6 +47,8 @@ class JobsApi:
             )
             span.set_attribute("kiln.model", model)
             resolved = job_pb2.Job(model=model, text_to_image=spec_to_pb(spec))
+            if request.job.HasField("queue_timeout"):
+                resolved.queue_timeout.CopyFrom(request.job.queue_timeout)
             reply = await self._scheduler.SubmitJob(
                 spb.SubmitJobRequest(
                     tenant=principal.tenant,

@@ -126,6 +126,16 @@ def resolve(
         seed=seed,
         num_images=num_images,
     )
+    if job.HasField("queue_timeout"):
+        timeout_s = job.queue_timeout.ToMilliseconds() / 1000
+        if not 0 < timeout_s <= tier.max_queue_wait_s:
+            violations.append(
+                FieldViolation(
+                    "job.queue_timeout",
+                    f"must be more than 0 s and at most {tier.max_queue_wait_s:g} s on the {tier_name} tier, "
+                    f"got {timeout_s:g} s",
+                )
+            )
     if not violations:
         _tier_limits(violations, resolved, tier_name, tier)
     if violations:

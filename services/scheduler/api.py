@@ -31,6 +31,7 @@ class SchedulerApi(pb_grpc.SchedulerServiceServicer):
             request_id=request.request_id,
             fingerprint=request.request_fingerprint,
             traceparent=request.traceparent,
+            queue_timeout_ms=request.job.queue_timeout.ToMilliseconds(),
         )
         return pb.SubmitJobResponse(job=job_to_pb(record))
 

@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from libs.serving import serve, start_grpc
 from libs.settings import SchedulerSettings
 from services.scheduler.api import SchedulerApi
+from services.scheduler.expiry import QueueExpiry
 from services.scheduler.hub import Hub
 from services.scheduler.jobs import Jobs
 from services.scheduler.queues import Queues
@@ -33,7 +34,8 @@ class SchedulerApp:
             job_ttl_s=settings.job_ttl_seconds,
             artifact_ttl_s=settings.artifact_ttl_seconds,
         )
-        self.queues = Queues(self.redis, scripts)
+        tiers = settings.tier_table()
+        self.queues = Queues(self.redis, scripts, {name: t.dispatch_weight for name, t in tiers.items()})
         self.hub = Hub(self.redis)
         # Blocking reads must return well inside the socket timeout, or they fail as timeouts.
         watch_block_ms = max(100, int(settings.redis_socket_timeout_seconds * 500))
@@ -42,15 +44,18 @@ class SchedulerApp:
             self.queues,
             self.hub,
             watch_block_ms=watch_block_ms,
-            tiers=settings.tier_table(),
+            tiers=tiers,
             catalog=settings.catalog(),
         )
         self.workers = WorkerService(self.store, self.queues, self.hub, settings)
+        self.expiry = QueueExpiry(self.queues, self.store, settings.queue_expiry_interval_seconds)
+        self._expiry_task: asyncio.Task[None] | None = None
         self.port = 0
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
         await self.hub.start()
+        self._expiry_task = asyncio.create_task(self.expiry.run_forever(), name="queue-expiry")
         api = SchedulerApi(self.jobs)
         self._server, self.port, _ = await start_grpc(
             self.settings.scheduler_host,
@@ -72,6 +77,9 @@ class SchedulerApp:
         if self._server is not None:
             await self._server.stop(grace)
         await self.workers.drain()
+        if self._expiry_task is not None:
+            self._expiry_task.cancel()
+            await asyncio.gather(self._expiry_task, return_exceptions=True)
         await self.hub.stop()
         await self.redis.aclose()
 

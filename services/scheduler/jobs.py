@@ -11,7 +11,7 @@ from libs.jobs import JobRecord, TextToImage, artifact_name
 from libs.tiers import Tier, tier_of
 from services.scheduler.admission import terms
 from services.scheduler.hub import Hub
-from services.scheduler.queues import Queues
+from services.scheduler.queues import Queues, queued
 from services.scheduler.store import JobStore
 
 ARTIFACT_CHUNK_BYTES = 1 << 20
@@ -45,22 +45,26 @@ class Jobs:
         request_id: str = "",
         fingerprint: str = "",
         traceparent: str = "",
+        queue_timeout_ms: int = 0,
     ) -> JobRecord:
         model_spec = self._catalog.get(model)
         if model_spec is None:
             raise InvalidArgument.field("job.model", f"must be one of: {', '.join(sorted(self._catalog))}")
         cost = compute_units(spec, model_spec.cost_factor)
+        tier_config = tier_of(self._tiers, tier)
+        longest = int(tier_config.max_queue_wait_s * 1000)
         record, created = await self._store.create(
             tenant,
             model,
             spec,
-            terms(tier, tier_of(self._tiers, tier), cost),
+            terms(tier, tier_config, cost),
             request_id=request_id,
             fingerprint=fingerprint,
             traceparent=traceparent,
+            queue_timeout_ms=min(queue_timeout_ms, longest) if queue_timeout_ms > 0 else longest,
         )
         if created:
-            await self._queues.enqueue(tenant, record.id, model)
+            await self._queues.enqueue(queued(record))
         return record
 
     async def get(self, tenant: str, job_id: str) -> JobRecord:
@@ -74,7 +78,7 @@ class Jobs:
         if running:
             await self._hub.publish_cancel(tenant, job_id)
         else:
-            await self._queues.remove(tenant, job_id, record.model)
+            await self._queues.remove(queued(record))
         return record
 
     def watch(self, tenant: str, job_id: str, after_event_id: str) -> AsyncIterator[tuple[str, JobRecord]]:

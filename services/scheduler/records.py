@@ -21,7 +21,13 @@ def error_field(error: JobError) -> str:
 
 
 def new_job_fields(
-    job_id: str, tenant: str, model: str, spec: TextToImage, traceparent: str
+    job_id: str,
+    tenant: str,
+    model: str,
+    spec: TextToImage,
+    traceparent: str,
+    tier: str,
+    queue_timeout_ms: int,
 ) -> dict[str, str]:
     return {
         "id": job_id,
@@ -32,6 +38,8 @@ def new_job_fields(
         "total_steps": str(spec.steps),
         "attempt": "0",
         "traceparent": traceparent,
+        "tier": tier,
+        "queue_timeout_ms": str(queue_timeout_ms),
         **spec_fields(spec),
     }
 
@@ -54,6 +62,9 @@ def from_fields(fields: dict[str, str]) -> JobRecord:
         error=JobError(**error) if error else None,
         cancel_requested=fields.get("cancel_requested") == "1",
         traceparent=fields.get("traceparent", ""),
+        tier=fields.get("tier", ""),
+        cost=int(fields.get("cost", 0)),
+        queue_timeout_ms=int(fields.get("queue_timeout_ms", 0)),
     )
 
 

@@ -17,6 +17,6 @@ class Scripts:
 
         self.create_job = load("create_job")
         self.transition = load("transition")
-        self.claim = load("claim")
+        self.dispatch = load("dispatch")
         self.release = load("release")
         self.renew = load("renew")

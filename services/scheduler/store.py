@@ -68,6 +68,7 @@ class JobStore:
         request_id: str = "",
         fingerprint: str = "",
         traceparent: str = "",
+        queue_timeout_ms: int = 0,
     ) -> tuple[JobRecord, bool]:
         """Admits and creates the job under `terms`, or raises the refusal; returns the job and
         whether it is new (False: replayed for the same request_id, not charged again)."""
@@ -78,7 +79,9 @@ class JobStore:
                 json.dumps([model, dataclasses.asdict(spec)], sort_keys=True).encode()
             ).hexdigest()
         )
-        fields = records.new_job_fields(job_id, tenant, model, spec, traceparent)
+        fields = records.new_job_fields(
+            job_id, tenant, model, spec, traceparent, terms.tier, queue_timeout_ms
+        )
         flat = [item for pair in fields.items() for item in pair]
         request_key = keys.request_id(tenant, request_id)
         result = await self._scripts.create_job(

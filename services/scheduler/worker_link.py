@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from libs.jobs import Artifact, JobError, JobRecord
 from libs.telemetry import context_from, traceparent_of, tracer
 from services.scheduler.hub import Hub
-from services.scheduler.queues import Queues
+from services.scheduler.queues import Queues, queued
 from services.scheduler.store import JobStore, Outcome
 
 log = logging.getLogger(__name__)
@@ -24,11 +24,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ActiveJob:
-    tenant: str
-    job_id: str
+    record: JobRecord
     attempt: int
-    model: str
     chunks: dict[int, bytearray] = field(default_factory=dict)
+
+    @property
+    def tenant(self) -> str:
+        return self.record.tenant
+
+    @property
+    def job_id(self) -> str:
+        return self.record.id
 
 
 @dataclass(frozen=True)
@@ -104,7 +110,7 @@ class WorkerLink:
             return True
         record = await self._store.get(claim.tenant, claim.job_id)
         self._credits -= 1
-        self._active[claim.job_id] = ActiveJob(claim.tenant, claim.job_id, claim.attempt, record.model)
+        self._active[claim.job_id] = ActiveJob(record, claim.attempt)
         self._hub.running(claim.tenant, claim.job_id, self)
         self.outbox.put_nowait(
             AssignJob(
@@ -202,6 +208,6 @@ class WorkerLink:
         for job in list(self._active.values()):
             moved = await self._store.back_to_queue(job.tenant, job.job_id, job.attempt)
             if moved.ok:
-                await self._queues.requeue(job.tenant, job.job_id, job.attempt, job.model)
+                await self._queues.requeue(job.attempt, queued(job.record))
             self._hub.finished(job.tenant, job.job_id)
         self._active.clear()

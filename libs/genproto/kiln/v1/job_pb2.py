@@ -24,11 +24,12 @@ _sym_db = _symbol_database.Default()
 
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11kiln/v1/job.proto\x12\x07kiln.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xe7\x04\n\x03Job\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05model\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12-\n\rtext_to_image\x18\x03 \x01(\x0b\x32\x14.kiln.v1.TextToImageH\x00\x12\'\n\x05state\x18\x04 \x01(\x0e\x32\x12.kiln.v1.Job.StateB\x04\xe2\x41\x01\x03\x12)\n\x08progress\x18\x05 \x01(\x0b\x32\x11.kiln.v1.ProgressB\x04\xe2\x41\x01\x03\x12*\n\tartifacts\x18\x06 \x03(\x0b\x32\x11.kiln.v1.ArtifactB\x04\xe2\x41\x01\x03\x12\'\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x12.google.rpc.StatusB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\nstart_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x32\n\x08\x65nd_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x61ttempt\x18\x0b \x01(\x05\x42\x04\xe2\x41\x01\x03\"\x7f\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATE_QUEUED\x10\x01\x12\x11\n\rSTATE_RUNNING\x10\x02\x12\x13\n\x0fSTATE_SUCCEEDED\x10\x03\x12\x10\n\x0cSTATE_FAILED\x10\x04\x12\x13\n\x0fSTATE_CANCELLED\x10\x05:\x1d\xea\x41\x1a\n\x0ckiln.dev/Job\x12\njobs/{job}B\x07\n\x05input\"\x8c\x02\n\x0bTextToImage\x12\x14\n\x06prompt\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\x12\n\x05width\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06height\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05steps\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x04\x88\x01\x01\x12\x17\n\nnum_images\x18\x08 \x01(\x05H\x05\x88\x01\x01\x42\x08\n\x06_widthB\t\n\x07_heightB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\r\n\x0b_num_images\"-\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\"|\n\x08\x41rtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\r\n\x05width\x18\x06 \x01(\x05\x12\x0e\n\x06height\x18\x07 \x01(\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11kiln/v1/job.proto\x12\x07kiln.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"\xb3\x05\n\x03Job\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x13\n\x05model\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12-\n\rtext_to_image\x18\x03 \x01(\x0b\x32\x14.kiln.v1.TextToImageH\x00\x12\'\n\x05state\x18\x04 \x01(\x0e\x32\x12.kiln.v1.Job.StateB\x04\xe2\x41\x01\x03\x12)\n\x08progress\x18\x05 \x01(\x0b\x32\x11.kiln.v1.ProgressB\x04\xe2\x41\x01\x03\x12*\n\tartifacts\x18\x06 \x03(\x0b\x32\x11.kiln.v1.ArtifactB\x04\xe2\x41\x01\x03\x12\'\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x12.google.rpc.StatusB\x04\xe2\x41\x01\x03\x12\x35\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x34\n\nstart_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x32\n\x08\x65nd_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x15\n\x07\x61ttempt\x18\x0b \x01(\x05\x42\x04\xe2\x41\x01\x03\x12\x30\n\rqueue_timeout\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\ncost_units\x18\r \x01(\x03\x42\x04\xe2\x41\x01\x03\"\x7f\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x10\n\x0cSTATE_QUEUED\x10\x01\x12\x11\n\rSTATE_RUNNING\x10\x02\x12\x13\n\x0fSTATE_SUCCEEDED\x10\x03\x12\x10\n\x0cSTATE_FAILED\x10\x04\x12\x13\n\x0fSTATE_CANCELLED\x10\x05:\x1d\xea\x41\x1a\n\x0ckiln.dev/Job\x12\njobs/{job}B\x07\n\x05input\"\x8c\x02\n\x0bTextToImage\x12\x14\n\x06prompt\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\x12\n\x05width\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06height\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05steps\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x1b\n\x0eguidance_scale\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x04\x88\x01\x01\x12\x17\n\nnum_images\x18\x08 \x01(\x05H\x05\x88\x01\x01\x42\x08\n\x06_widthB\t\n\x07_heightB\x08\n\x06_stepsB\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\r\n\x0b_num_images\"-\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\"|\n\x08\x41rtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\r\n\x05width\x18\x06 \x01(\x05\x12\x0e\n\x06height\x18\x07 \x01(\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -55,18 +56,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOB'].fields_by_name['end_time']._serialized_options = b'\342A\001\003'
   _globals['_JOB'].fields_by_name['attempt']._loaded_options = None
   _globals['_JOB'].fields_by_name['attempt']._serialized_options = b'\342A\001\003'
+  _globals['_JOB'].fields_by_name['cost_units']._loaded_options = None
+  _globals['_JOB'].fields_by_name['cost_units']._serialized_options = b'\342A\001\003'
   _globals['_JOB']._loaded_options = None
   _globals['_JOB']._serialized_options = b'\352A\032\n\014kiln.dev/Job\022\njobs/{job}'
   _globals['_TEXTTOIMAGE'].fields_by_name['prompt']._loaded_options = None
   _globals['_TEXTTOIMAGE'].fields_by_name['prompt']._serialized_options = b'\342A\001\002'
-  _globals['_JOB']._serialized_start=149
-  _globals['_JOB']._serialized_end=764
-  _globals['_JOB_STATE']._serialized_start=597
-  _globals['_JOB_STATE']._serialized_end=724
-  _globals['_TEXTTOIMAGE']._serialized_start=767
-  _globals['_TEXTTOIMAGE']._serialized_end=1035
-  _globals['_PROGRESS']._serialized_start=1037
-  _globals['_PROGRESS']._serialized_end=1082
-  _globals['_ARTIFACT']._serialized_start=1084
-  _globals['_ARTIFACT']._serialized_end=1208
+  _globals['_JOB']._serialized_start=181
+  _globals['_JOB']._serialized_end=872
+  _globals['_JOB_STATE']._serialized_start=705
+  _globals['_JOB_STATE']._serialized_end=832
+  _globals['_TEXTTOIMAGE']._serialized_start=875
+  _globals['_TEXTTOIMAGE']._serialized_end=1143
+  _globals['_PROGRESS']._serialized_start=1145
+  _globals['_PROGRESS']._serialized_end=1190
+  _globals['_ARTIFACT']._serialized_start=1192
+  _globals['_ARTIFACT']._serialized_end=1316
 # @@protoc_insertion_point(module_scope)

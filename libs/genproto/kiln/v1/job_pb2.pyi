@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -71,6 +72,8 @@ class Job(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    QUEUE_TIMEOUT_FIELD_NUMBER: _builtins.int
+    COST_UNITS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name, `jobs/{job}`."""
     model: _builtins.str
@@ -78,6 +81,8 @@ class Job(_message.Message):
     state: Global___Job.State.ValueType
     attempt: _builtins.int
     """How many times a worker was handed this job; the current attempt's number."""
+    cost_units: _builtins.int
+    """What the job costs, in compute units."""
     @_builtins.property
     def text_to_image(self) -> Global___TextToImage: ...
     @_builtins.property
@@ -94,6 +99,12 @@ class Job(_message.Message):
     def start_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def queue_timeout(self) -> _duration_pb2.Duration:
+        """How long the job may wait in the queue before it fails with DEADLINE_EXCEEDED. At most, and
+        by default, the tier's longest wait.
+        """
+
     def __init__(
         self,
         *,
@@ -108,10 +119,12 @@ class Job(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         attempt: _builtins.int = ...,
+        queue_timeout: _duration_pb2.Duration | None = ...,
+        cost_units: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "input", b"input", "progress", b"progress", "start_time", b"start_time", "text_to_image", b"text_to_image"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "input", b"input", "progress", b"progress", "queue_timeout", b"queue_timeout", "start_time", b"start_time", "text_to_image", b"text_to_image"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "attempt", b"attempt", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "input", b"input", "model", b"model", "name", b"name", "progress", b"progress", "start_time", b"start_time", "state", b"state", "text_to_image", b"text_to_image"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "attempt", b"attempt", "cost_units", b"cost_units", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "input", b"input", "model", b"model", "name", b"name", "progress", b"progress", "queue_timeout", b"queue_timeout", "start_time", b"start_time", "state", b"state", "text_to_image", b"text_to_image"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["text_to_image"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
