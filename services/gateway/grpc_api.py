@@ -65,6 +65,10 @@ class JobServiceServicer(pb_grpc.JobServiceServicer):
         return await self._unary(context, request, self._api.CreateJob)
 
     @grpc_boundary
+    async def EstimateJob(self, request: pb.EstimateJobRequest, context: Ctx) -> pb.EstimateJobResponse:
+        return await self._unary(context, request, self._api.EstimateJob)
+
+    @grpc_boundary
     async def GetJob(self, request: pb.GetJobRequest, context: Ctx) -> pb.GetJobResponse:
         return await self._unary(context, request, self._api.GetJob)
 

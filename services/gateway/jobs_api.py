@@ -63,6 +63,22 @@ class JobsApi:
             span.set_attribute("kiln.job", reply.job.name)
             return pb.CreateJobResponse(job=reply.job)
 
+    async def EstimateJob(
+        self, principal: Principal, request: pb.EstimateJobRequest
+    ) -> pb.EstimateJobResponse:
+        model, spec = resolve(
+            request.job, self._catalog, principal.tier, tier_of(self._tiers, principal.tier)
+        )
+        reply = await self._scheduler.EstimateJob(
+            spb.EstimateJobRequest(
+                tenant=principal.tenant,
+                tier=principal.tier,
+                job=job_pb2.Job(model=model, text_to_image=spec_to_pb(spec)),
+            ),
+            timeout=self._timeout_s,
+        )
+        return reply.estimate
+
     async def GetJob(self, principal: Principal, request: pb.GetJobRequest) -> pb.GetJobResponse:
         reply = await self._scheduler.GetJob(
             spb.GetJobRequest(tenant=principal.tenant, name=request.name), timeout=self._timeout_s

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from kiln.scheduler.v1 import scheduler_service_pb2 as pb
 from kiln.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
+from kiln.v1 import job_service_pb2
 
 from libs.convert import job_to_pb, spec_from_pb
 from libs.names import parse_artifact, parse_job
 from libs.rpc_status import grpc_boundary
-from services.scheduler.jobs import Jobs
+from services.scheduler.jobs import Estimate, Jobs
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -34,6 +36,13 @@ class SchedulerApi(pb_grpc.SchedulerServiceServicer):
             queue_timeout_ms=request.job.queue_timeout.ToMilliseconds(),
         )
         return pb.SubmitJobResponse(job=job_to_pb(record))
+
+    @grpc_boundary
+    async def EstimateJob(self, request: pb.EstimateJobRequest, context: Ctx) -> pb.EstimateJobResponse:
+        estimate = await self._jobs.estimate(
+            request.tenant, request.tier, request.job.model, spec_from_pb(request.job.text_to_image)
+        )
+        return pb.EstimateJobResponse(estimate=estimate_to_pb(estimate))
 
     @grpc_boundary
     async def GetJob(self, request: pb.GetJobRequest, context: Ctx) -> pb.GetJobResponse:
@@ -64,3 +73,16 @@ class SchedulerApi(pb_grpc.SchedulerServiceServicer):
         mime_type, size, chunks = await self._jobs.artifact(request.tenant, job_id, index)
         async for data in chunks:
             yield pb.ReadArtifactResponse(data=data, mime_type=mime_type, size_bytes=size)
+
+
+def estimate_to_pb(estimate: Estimate) -> job_service_pb2.EstimateJobResponse:
+    reply = job_service_pb2.EstimateJobResponse(
+        cost_units=estimate.cost,
+        admissible_now=estimate.admissible,
+        limiting_policy=estimate.limiting_policy,
+        queued_units=estimate.queued_cu,
+        service_rate=estimate.service_rate,
+    )
+    reply.retry_after.FromMilliseconds(math.ceil(estimate.retry_after_s * 1000))
+    reply.expected_wait.FromMilliseconds(math.ceil(estimate.expected_wait_s * 1000))
+    return reply

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from libs.catalog import ModelSpec
 from libs.cost import compute_units
-from libs.errors import InvalidArgument, NotFound
+from libs.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from libs.jobs import JobRecord, TextToImage, artifact_name
 from libs.tiers import Tier, tier_of
 from services.scheduler.admission import terms
@@ -15,6 +17,17 @@ from services.scheduler.queues import Queues, queued
 from services.scheduler.store import JobStore
 
 ARTIFACT_CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Estimate:
+    cost: int
+    admissible: bool
+    limiting_policy: str
+    retry_after_s: float
+    queued_cu: int
+    expected_wait_s: float  # 0 when no service rate is measured yet
+    service_rate: float
 
 
 class Jobs:
@@ -47,11 +60,9 @@ class Jobs:
         traceparent: str = "",
         queue_timeout_ms: int = 0,
     ) -> JobRecord:
-        model_spec = self._catalog.get(model)
-        if model_spec is None:
-            raise InvalidArgument.field("job.model", f"must be one of: {', '.join(sorted(self._catalog))}")
-        cost = compute_units(spec, model_spec.cost_factor)
+        cost = compute_units(spec, self._model(model).cost_factor)
         tier_config = tier_of(self._tiers, tier)
+        await self._refuse_long_waits(model, cost, tier, tier_config)
         longest = int(tier_config.max_queue_wait_s * 1000)
         record, created = await self._store.create(
             tenant,
@@ -66,6 +77,44 @@ class Jobs:
         if created:
             await self._queues.enqueue(queued(record))
         return record
+
+    async def estimate(self, tenant: str, tier: str, model: str, spec: TextToImage) -> Estimate:
+        tier_config = tier_of(self._tiers, tier)
+        cost = compute_units(spec, self._model(model).cost_factor)
+        queued_cu, rate = await self._queues.stats(model)
+        estimate = Estimate(cost, True, "", 0.0, queued_cu, (queued_cu + cost) / rate if rate else 0.0, rate)
+        try:
+            await self._store.check(tenant, terms(tier, tier_config, cost))
+            await self._refuse_long_waits(model, cost, tier, tier_config)
+        except (ResourceExhausted, Unavailable) as refused:
+            return dataclasses.replace(
+                estimate,
+                admissible=False,
+                limiting_policy=refused.metadata.get("policy", refused.reason),
+                retry_after_s=refused.retry_after_s or 0.0,
+            )
+        return estimate
+
+    async def _refuse_long_waits(self, model: str, cost: int, tier: str, tier_config: Tier) -> None:
+        """Admission control: no job is accepted that would likely outwait its tier's limit."""
+        queued_cu, rate = await self._queues.stats(model)
+        if not rate:
+            return  # nothing measured yet (or nothing served lately): the queue timeout still holds
+        wait_s = (queued_cu + cost) / rate
+        if wait_s > tier_config.max_queue_wait_s:
+            raise Unavailable(
+                f"the queue for {model} would take about {wait_s:.0f} s, more than the {tier} tier's "
+                f"{tier_config.max_queue_wait_s:g} s; retry later",
+                reason="EXPECTED_WAIT_TOO_LONG",
+                metadata={"policy": "max_queue_wait_s", "expected_wait_s": f"{wait_s:.1f}", "tier": tier},
+                retry_after_s=wait_s - tier_config.max_queue_wait_s,
+            )
+
+    def _model(self, model: str) -> ModelSpec:
+        spec = self._catalog.get(model)
+        if spec is None:
+            raise InvalidArgument.field("job.model", f"must be one of: {', '.join(sorted(self._catalog))}")
+        return spec
 
     async def get(self, tenant: str, job_id: str) -> JobRecord:
         return await self._store.get(tenant, job_id)

@@ -81,6 +81,13 @@ class Queues:
         assert isinstance(expired, list)
         return [keys.parse_queue_entry(entry.decode()) for entry in expired]
 
+    async def stats(self, model: str) -> tuple[int, float]:
+        """(compute units queued for `model`, compute units per second served over about a minute)."""
+        result = await self._dispatch("stats", model)
+        assert isinstance(result, list)
+        queued, rate = (v.decode() for v in result)
+        return int(float(queued)), float(rate)
+
     async def claim(self, worker_id: str, models: Sequence[str], lease_ms: int) -> Claim | None:
         if not models:
             return None

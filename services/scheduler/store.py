@@ -83,13 +83,31 @@ class JobStore:
             job_id, tenant, model, spec, traceparent, terms.tier, queue_timeout_ms
         )
         flat = [item for pair in fields.items() for item in pair]
-        request_key = keys.request_id(tenant, request_id)
+        status, found_id = await self._admit(tenant, job_id, terms, request_id, fingerprint, flat)
+        if status == "MISMATCH":
+            raise FailedPrecondition(
+                f"request_id {request_id!r} was already used for a different job",
+                reason="REQUEST_ID_REUSED",
+                metadata={"request_id": request_id, "job": f"jobs/{found_id}"},
+            )
+        if status == "DUPLICATE_ID":
+            raise Internal(f"job id collision on {found_id}")
+        return await self.get(tenant, found_id), status == "CREATED"
+
+    async def check(self, tenant: str, terms: Terms) -> None:
+        """Raises the refusal CreateJob would meet now; writes nothing."""
+        await self._admit(tenant, "", terms, "", "", [])
+
+    async def _admit(
+        self, tenant: str, job_id: str, terms: Terms, request_id: str, fingerprint: str, fields: list[str]
+    ) -> tuple[str, str]:
+        """Runs the create script (a dry run for an empty job id); raises its refusals."""
         result = await self._scripts.create_job(
             keys=[
-                keys.job(tenant, job_id),
-                keys.job_events(tenant, job_id),
+                keys.job(tenant, job_id or "dry-run"),
+                keys.job_events(tenant, job_id or "dry-run"),
                 keys.tenant_jobs(tenant),
-                request_key,
+                keys.request_id(tenant, request_id),
                 keys.usage(tenant),
                 *(keys.rate_policy(tenant, p.name) for p in terms.policies),
             ],
@@ -102,22 +120,14 @@ class JobStore:
                 str(terms.max_queued_cu),
                 str(len(terms.policies)),
                 *(arg for p in terms.policies for arg in p.args()),
-                *flat,
+                *fields,
             ],
         )
         status, found_id, *refused = (v.decode() for v in result)
         if status in ("LIMITED", "IN_FLIGHT", "QUEUE_FULL"):
             retry_ms, limit = refused
             raise refusal(tenant, terms, status, found_id, int(retry_ms), limit)
-        if status == "MISMATCH":
-            raise FailedPrecondition(
-                f"request_id {request_id!r} was already used for a different job",
-                reason="REQUEST_ID_REUSED",
-                metadata={"request_id": request_id, "job": f"jobs/{found_id}"},
-            )
-        if status == "DUPLICATE_ID":
-            raise Internal(f"job id collision on {found_id}")
-        return await self.get(tenant, found_id), status == "CREATED"
+        return status, found_id
 
     async def get(self, tenant: str, job_id: str) -> JobRecord:
         raw: dict[bytes, bytes] = await self._redis.hgetall(keys.job(tenant, job_id))  # type: ignore[assignment]

@@ -28,6 +28,8 @@ from libs.jobs import TextToImage
 from libs.rpc_status import from_rpc_error
 from libs.settings import SchedulerSettings
 from services.scheduler.app import SchedulerApp
+from services.scheduler.queues import Queues
+from services.scheduler.scripts import Scripts
 from tests.conftest import TEST_TIERS, Stack
 from tests.helpers import auth
 
@@ -255,3 +257,50 @@ async def test_every_authenticated_answer_carries_ratelimit_fields(stack: Stack)
         metadata = {k: str(v) for k, v in await call.initial_metadata()}
     assert metadata["ratelimit-policy"] == policy
     assert metadata["ratelimit"].startswith('"cu";r=0;t=')
+
+
+async def test_estimate_prices_and_predicts_without_spending(stack: Stack) -> None:
+    key, _ = await _key(stack, "tenant-estimate", "burst5")
+    big = {"model": "unserved", "textToImage": {"prompt": "x", "width": 512, "height": 512, "steps": 25}}
+    async with aiohttp.ClientSession() as http:
+
+        async def estimate(body: dict[str, Any]) -> dict[str, Any]:
+            async with http.post(f"{stack.http_base}/v1/jobs:estimate", json=body, headers=auth(key)) as resp:
+                assert resp.status == 200, await resp.text()
+                result: dict[str, Any] = await resp.json()
+                return result
+
+        before = await _policy_state(stack, "tenant-estimate")
+        first = await estimate(big)
+        assert (first["costUnits"], first["admissibleNow"]) == ("1", True)
+        assert await _policy_state(stack, "tenant-estimate") == before
+        for _ in range(5):
+            assert (await _submit(http, stack, key))[0] == 200
+        spent = await estimate(big)
+    assert "admissibleNow" not in spent  # proto3 JSON leaves out false
+    assert spent["limitingPolicy"] == "cu"
+    assert float(spent["retryAfter"].rstrip("s")) > 0
+
+
+async def test_jobs_that_would_outwait_the_tier_are_refused_with_503(stack: Stack) -> None:
+    key, _ = await _key(stack, "tenant-longwait", "burst100")  # max_queue_wait_s 600
+    body = {"model": "metered", "textToImage": {"prompt": "x", "seed": "1"}}
+    async with aiohttp.ClientSession() as http:
+        for _ in range(25):  # no rate measured yet: all admitted
+            assert (await _submit(http, stack, key, body))[0] == 200
+        redis = Redis.from_url(stack.redis_url)
+        queues = Queues(redis, Scripts(redis), {"burst100": 1})
+        assert await queues.claim("meter", ["metered"], 60_000) is not None  # 1 CU served: ~1/60 CU/s
+        await redis.aclose()
+        status, headers, error = await _submit(http, stack, key, body)
+        async with http.post(f"{stack.http_base}/v1/jobs:estimate", json=body, headers=auth(key)) as resp:
+            estimate = await resp.json()
+    assert status == 503
+    assert error["error"]["details"][0]["reason"] == "EXPECTED_WAIT_TOO_LONG"
+    assert headers["Retry-After"].isdigit()
+    assert (estimate["queuedUnits"], estimate.get("admissibleNow"), estimate["limitingPolicy"]) == (
+        "24",
+        None,  # proto3 JSON leaves out false
+        "max_queue_wait_s",
+    )
+    assert 1400 < float(estimate["expectedWait"].rstrip("s")) < 1600  # (24 + 1) CU at 1/60 CU/s

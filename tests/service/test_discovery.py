@@ -43,4 +43,12 @@ async def test_openapi_document_is_served_without_a_key(stack: Stack) -> None:
     operations = {
         op["operationId"] for item in doc["paths"].values() for op in item.values() if isinstance(op, dict)
     }
-    assert operations == {"CreateJob", "GetJob", "ListJobs", "CancelJob", "WatchJob", "ReadArtifact"}
+    assert operations == {
+        "CreateJob",
+        "EstimateJob",
+        "GetJob",
+        "ListJobs",
+        "CancelJob",
+        "WatchJob",
+        "ReadArtifact",
+    }

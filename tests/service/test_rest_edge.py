@@ -44,6 +44,10 @@ class MemoryJobs:
         self.jobs[job.name] = job
         return job_service_pb2.CreateJobResponse(job=job)
 
+    async def EstimateJob(self, principal: str, request: job_service_pb2.EstimateJobRequest) -> Any:
+        self.calls.append(("EstimateJob", principal, request))
+        return job_service_pb2.EstimateJobResponse(cost_units=1, admissible_now=True)
+
     def _job(self, name: str) -> job_pb2.Job:
         if name not in self.jobs:
             raise NotFound(f"{name} not found", reason="JOB_NOT_FOUND")

@@ -84,7 +84,15 @@ def test_bad_templates_are_refused(template: str) -> None:
 @pytest.mark.timeout(30)
 def test_job_service_routes_come_from_annotations() -> None:
     routes = {route.method.name: route for route in routes_for(JOB_SERVICE)}
-    assert set(routes) == {"CreateJob", "GetJob", "ListJobs", "CancelJob", "WatchJob", "ReadArtifact"}
+    assert set(routes) == {
+        "CreateJob",
+        "EstimateJob",
+        "GetJob",
+        "ListJobs",
+        "CancelJob",
+        "WatchJob",
+        "ReadArtifact",
+    }
     create = routes["CreateJob"]
     assert (create.http_method, create.path.template, create.body, create.response_body) == (
         "POST",

@@ -83,6 +83,7 @@ def test_one_operation_per_http_rule_with_slash_free_path_parameters(doc: dict[s
     found = {(op["operationId"], verb, path) for path, item in paths for verb, op in item.items()}
     assert found == {
         ("CreateJob", "post", "/v1/jobs"),
+        ("EstimateJob", "post", "/v1/jobs:estimate"),
         ("ListJobs", "get", "/v1/jobs"),
         ("GetJob", "get", "/v1/jobs/{job}"),
         ("CancelJob", "post", "/v1/jobs/{job}:cancel"),

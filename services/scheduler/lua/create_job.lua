@@ -1,12 +1,13 @@
 -- Admits and creates a job in one step: idempotency, the tenant's caps, every rate policy checked
 -- before any is spent, then the job, its first event, its index entry and the usage counters.
--- A refusal writes nothing.
+-- A refusal writes nothing. An empty job id is a dry run: the checks, and nothing written.
 -- KEYS: job, events, tenant_jobs, request (a dummy when no request_id), usage, policy keys...
 -- ARGV[1] job_id  [2] request_ttl_s ("0" = no request_id)  [3] fingerprint  [4] cost (CU)
 -- ARGV[5] max_in_flight  [6] max_queued_cu  [7] number of policies n
 -- ARGV[8 ..] per policy: name, emission interval (ms per unit), burst (units), units charged
 -- then field/value pairs of the job
-if ARGV[2] ~= "0" then
+local dry = ARGV[1] == ""
+if ARGV[2] ~= "0" and not dry then
   local seen = redis.call("HGET", KEYS[4], "job_id")
   if seen then
     if redis.call("HGET", KEYS[4], "fingerprint") ~= ARGV[3] then
@@ -45,6 +46,7 @@ for i = 1, n do
   end
   tats[i] = new_tat
 end
+if dry then return {"ADMISSIBLE", ""} end
 for i = 1, n do
   redis.call("SET", KEYS[5 + i], string.format("%.3f", tats[i]), "PX", math.max(1, math.ceil(tats[i] - now)))
 end

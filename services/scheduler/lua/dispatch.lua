@@ -4,7 +4,8 @@
 --   <P>tenants:<m>:<tier>     zset  active tenants of a tier, scored the same way within the tier
 --   <P>q:<m>:<tier>:<tenant>  list  the tenant's FIFO of "<job id> <cost>"
 --   <P>vt:<m>                 hash  F:<tier>, F:<tier>:<tenant> (last finish tags) and V, V:<tier>
---                                   (virtual time: the start tag of the last job served there)
+--                                   (virtual time: the start tag of the last job served there);
+--                                   queued_cu; served/served_ms (CU served, decayed over RATE_TAU_MS)
 -- A tier's next job finishes at max(F_tier, V) + cost / weight; a tenant's at max(F_tenant,
 -- V_tier) + cost. Serving the smallest finish tag shares CU by weight across tiers and equally
 -- across a tier's tenants; starting from V means idling banks no credit and a newcomer goes
@@ -17,6 +18,8 @@ local weights = {}
 local nw = tonumber(ARGV[3])
 for i = 4, 3 + 2 * nw, 2 do weights[ARGV[i]] = tonumber(ARGV[i + 1]) end
 local A = 4 + 2 * nw  -- the op's first argument
+
+local RATE_TAU_MS = 60000
 
 local function now_ms()
   local t = redis.call("TIME")
@@ -64,11 +67,21 @@ local function rescore_tier(model, tier)
   redis.call("ZADD", tiers, start + head_cost(list) / (weights[tier] or 1), tier)
 end
 
+-- Compute units served, as an exponentially decayed sum: sum / tau is the recent rate in CU/ms.
+local function served(vt, now, cost)
+  local sum = num(redis.call("HGET", vt, "served"))
+  local at = num(redis.call("HGET", vt, "served_ms"))
+  sum = sum * math.exp(-math.max(0, now - at) / RATE_TAU_MS) + cost
+  redis.call("HSET", vt, "served", sum, "served_ms", now)
+  return sum
+end
+
 local function take_out(model, tier, tenant, item)
-  local _, _, list = names(model, tier, tenant)
+  local _, _, list, vt = names(model, tier, tenant)
   local removed = redis.call("LREM", list, 1, item)
   redis.call("ZREM", KEYS[4], deadline_member(model, tier, tenant, item))
   if removed > 0 then
+    redis.call("HINCRBY", vt, "queued_cu", -tonumber(string.match(item, " (%S+)$")))
     rescore_tenant(model, tier, tenant)
     rescore_tier(model, tier)
   end
@@ -81,8 +94,9 @@ if op == "enqueue" then
   -- model, tier, tenant, job id, cost, front (0/1), queue timeout ms (0: none)
   local model, tier, tenant = ARGV[A], ARGV[A + 1], ARGV[A + 2]
   local item = ARGV[A + 3] .. " " .. ARGV[A + 4]
-  local _, _, list = names(model, tier, tenant)
+  local _, _, list, vt = names(model, tier, tenant)
   if ARGV[A + 5] == "1" then redis.call("LPUSH", list, item) else redis.call("RPUSH", list, item) end
+  redis.call("HINCRBY", vt, "queued_cu", tonumber(ARGV[A + 4]))
   rescore_tenant(model, tier, tenant)
   rescore_tier(model, tier)
   if ARGV[A + 6] ~= "0" then
@@ -108,6 +122,14 @@ if op == "expire" then
     redis.call("ZREM", KEYS[4], member)
   end
   return expired
+end
+
+if op == "stats" then
+  -- model: its queued CU, and the CU per second served over about the last minute
+  local _, _, _, vt = names(ARGV[A], "", "")
+  local now = now_ms()
+  local sum = num(redis.call("HGET", vt, "served")) * math.exp(-math.max(0, now - num(redis.call("HGET", vt, "served_ms"))) / RATE_TAU_MS)
+  return {tostring(num(redis.call("HGET", vt, "queued_cu"))), string.format("%.6f", sum * 1000 / RATE_TAU_MS)}
 end
 
 if op == "claim" then
@@ -136,6 +158,8 @@ if op == "claim" then
           cost = tonumber(cost)
           redis.call("HSET", vt, "F:" .. tier, tier_finish, "V", tier_finish - cost / (weights[tier] or 1),
             "F:" .. tier .. ":" .. tenant, tenant_finish, "V:" .. tier, tenant_finish - cost)
+          redis.call("HINCRBY", vt, "queued_cu", -cost)
+          served(vt, now_ms(), cost)
           rescore_tenant(model, tier, tenant)
           rescore_tier(model, tier)
           redis.call("ZREM", KEYS[4], deadline_member(model, tier, tenant, item))

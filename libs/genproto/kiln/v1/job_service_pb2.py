@@ -26,10 +26,11 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import client_pb2 as google_dot_api_dot_client__pb2
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from kiln.v1 import job_pb2 as kiln_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kiln/v1/job_service.proto\x12\x07kiln.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17google/api/client.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/httpbody.proto\x1a\x11kiln/v1/job.proto\"G\n\x10\x43reateJobRequest\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x0c.kiln.v1.JobB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\".\n\x11\x43reateJobResponse\x12\x19\n\x03job\x18\x01 \x01(\x0b\x32\x0c.kiln.v1.Job\"#\n\rGetJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"+\n\x0eGetJobResponse\x12\x19\n\x03job\x18\x01 \x01(\x0b\x32\x0c.kiln.v1.Job\"8\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"G\n\x10ListJobsResponse\x12\x1a\n\x04jobs\x18\x01 \x03(\x0b\x32\x0c.kiln.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x10\x43\x61ncelJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\".\n\x11\x43\x61ncelJobResponse\x12\x19\n\x03job\x18\x01 \x01(\x0b\x32\x0c.kiln.v1.Job\"=\n\x0fWatchJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\t\"?\n\x10WatchJobResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x19\n\x03job\x18\x02 \x01(\x0b\x32\x0c.kiln.v1.Job\")\n\x13ReadArtifactRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x32\xed\x04\n\nJobService\x12^\n\tCreateJob\x12\x19.kiln.v1.CreateJobRequest\x1a\x1a.kiln.v1.CreateJobResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x08/v1/jobs:\x03jobb\x03job\x12Y\n\x06GetJob\x12\x16.kiln.v1.GetJobRequest\x1a\x17.kiln.v1.GetJobResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x11/v1/{name=jobs/*}b\x03job\x12Q\n\x08ListJobs\x12\x18.kiln.v1.ListJobsRequest\x1a\x19.kiln.v1.ListJobsResponse\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/v1/jobs\x12l\n\tCancelJob\x12\x19.kiln.v1.CancelJobRequest\x1a\x1a.kiln.v1.CancelJobResponse\"(\x82\xd3\xe4\x93\x02\"\"\x18/v1/{name=jobs/*}:cancel:\x01*b\x03job\x12\x62\n\x08WatchJob\x12\x18.kiln.v1.WatchJobRequest\x1a\x19.kiln.v1.WatchJobResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/{name=jobs/*}:watch0\x01\x12p\n\x0cReadArtifact\x12\x1c.kiln.v1.ReadArtifactRequest\x1a\x14.google.api.HttpBody\"*\x82\xd3\xe4\x93\x02$\x12\"/v1/{name=jobs/*/artifacts/*}:read0\x01\x1a\r\xca\x41\nkiln.localb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19kiln/v1/job_service.proto\x12\x07kiln.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17google/api/client.proto\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/httpbody.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x11kiln/v1/job.proto\"G\n\x10\x43reateJobRequest\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x0c.kiln.v1.JobB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x02 \x01(\t\".\n\x11\x43reateJobResponse\x12\x19\n\x03job\x18\x01 \x01(\x0b\x32\x0c.kiln.v1.Job\"5\n\x12\x45stimateJobRequest\x12\x1f\n\x03job\x18\x01 \x01(\x0b\x32\x0c.kiln.v1.JobB\x04\xe2\x41\x01\x02\"\xe8\x01\n\x13\x45stimateJobResponse\x12\x12\n\ncost_units\x18\x01 \x01(\x03\x12\x16\n\x0e\x61\x64missible_now\x18\x02 \x01(\x08\x12\x17\n\x0flimiting_policy\x18\x03 \x01(\t\x12.\n\x0bretry_after\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0cqueued_units\x18\x05 \x01(\x03\x12\x30\n\rexpected_wait\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0cservice_rate\x18\x07 \x01(\x01\"#\n\rGetJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"+\n\x0eGetJobResponse\x12\x19\n\x03job\x18\x01 \x01(\x0b\x32\x0c.kiln.v1.Job\"8\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"G\n\x10ListJobsResponse\x12\x1a\n\x04jobs\x18\x01 \x03(\x0b\x32\x0c.kiln.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x10\x43\x61ncelJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\".\n\x11\x43\x61ncelJobResponse\x12\x19\n\x03job\x18\x01 \x01(\x0b\x32\x0c.kiln.v1.Job\"=\n\x0fWatchJobRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\t\"?\n\x10WatchJobResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x19\n\x03job\x18\x02 \x01(\x0b\x32\x0c.kiln.v1.Job\")\n\x13ReadArtifactRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x32\xd7\x05\n\nJobService\x12^\n\tCreateJob\x12\x19.kiln.v1.CreateJobRequest\x1a\x1a.kiln.v1.CreateJobResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x08/v1/jobs:\x03jobb\x03job\x12h\n\x0b\x45stimateJob\x12\x1b.kiln.v1.EstimateJobRequest\x1a\x1c.kiln.v1.EstimateJobResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x11/v1/jobs:estimate:\x03job\x12Y\n\x06GetJob\x12\x16.kiln.v1.GetJobRequest\x1a\x17.kiln.v1.GetJobResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\x12\x11/v1/{name=jobs/*}b\x03job\x12Q\n\x08ListJobs\x12\x18.kiln.v1.ListJobsRequest\x1a\x19.kiln.v1.ListJobsResponse\"\x10\x82\xd3\xe4\x93\x02\n\x12\x08/v1/jobs\x12l\n\tCancelJob\x12\x19.kiln.v1.CancelJobRequest\x1a\x1a.kiln.v1.CancelJobResponse\"(\x82\xd3\xe4\x93\x02\"\"\x18/v1/{name=jobs/*}:cancel:\x01*b\x03job\x12\x62\n\x08WatchJob\x12\x18.kiln.v1.WatchJobRequest\x1a\x19.kiln.v1.WatchJobResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\x12\x17/v1/{name=jobs/*}:watch0\x01\x12p\n\x0cReadArtifact\x12\x1c.kiln.v1.ReadArtifactRequest\x1a\x14.google.api.HttpBody\"*\x82\xd3\xe4\x93\x02$\x12\"/v1/{name=jobs/*/artifacts/*}:read0\x01\x1a\r\xca\x41\nkiln.localb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,6 +39,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CREATEJOBREQUEST'].fields_by_name['job']._loaded_options = None
   _globals['_CREATEJOBREQUEST'].fields_by_name['job']._serialized_options = b'\342A\001\002'
+  _globals['_ESTIMATEJOBREQUEST'].fields_by_name['job']._loaded_options = None
+  _globals['_ESTIMATEJOBREQUEST'].fields_by_name['job']._serialized_options = b'\342A\001\002'
   _globals['_GETJOBREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_GETJOBREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
   _globals['_CANCELJOBREQUEST'].fields_by_name['name']._loaded_options = None
@@ -50,6 +53,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBSERVICE']._serialized_options = b'\312A\nkiln.local'
   _globals['_JOBSERVICE'].methods_by_name['CreateJob']._loaded_options = None
   _globals['_JOBSERVICE'].methods_by_name['CreateJob']._serialized_options = b'\202\323\344\223\002\024\"\010/v1/jobs:\003jobb\003job'
+  _globals['_JOBSERVICE'].methods_by_name['EstimateJob']._loaded_options = None
+  _globals['_JOBSERVICE'].methods_by_name['EstimateJob']._serialized_options = b'\202\323\344\223\002\030\"\021/v1/jobs:estimate:\003job'
   _globals['_JOBSERVICE'].methods_by_name['GetJob']._loaded_options = None
   _globals['_JOBSERVICE'].methods_by_name['GetJob']._serialized_options = b'\202\323\344\223\002\030\022\021/v1/{name=jobs/*}b\003job'
   _globals['_JOBSERVICE'].methods_by_name['ListJobs']._loaded_options = None
@@ -60,28 +65,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBSERVICE'].methods_by_name['WatchJob']._serialized_options = b'\202\323\344\223\002\031\022\027/v1/{name=jobs/*}:watch'
   _globals['_JOBSERVICE'].methods_by_name['ReadArtifact']._loaded_options = None
   _globals['_JOBSERVICE'].methods_by_name['ReadArtifact']._serialized_options = b'\202\323\344\223\002$\022\"/v1/{name=jobs/*/artifacts/*}:read'
-  _globals['_CREATEJOBREQUEST']._serialized_start=172
-  _globals['_CREATEJOBREQUEST']._serialized_end=243
-  _globals['_CREATEJOBRESPONSE']._serialized_start=245
-  _globals['_CREATEJOBRESPONSE']._serialized_end=291
-  _globals['_GETJOBREQUEST']._serialized_start=293
-  _globals['_GETJOBREQUEST']._serialized_end=328
-  _globals['_GETJOBRESPONSE']._serialized_start=330
-  _globals['_GETJOBRESPONSE']._serialized_end=373
-  _globals['_LISTJOBSREQUEST']._serialized_start=375
-  _globals['_LISTJOBSREQUEST']._serialized_end=431
-  _globals['_LISTJOBSRESPONSE']._serialized_start=433
-  _globals['_LISTJOBSRESPONSE']._serialized_end=504
-  _globals['_CANCELJOBREQUEST']._serialized_start=506
-  _globals['_CANCELJOBREQUEST']._serialized_end=544
-  _globals['_CANCELJOBRESPONSE']._serialized_start=546
-  _globals['_CANCELJOBRESPONSE']._serialized_end=592
-  _globals['_WATCHJOBREQUEST']._serialized_start=594
-  _globals['_WATCHJOBREQUEST']._serialized_end=655
-  _globals['_WATCHJOBRESPONSE']._serialized_start=657
-  _globals['_WATCHJOBRESPONSE']._serialized_end=720
-  _globals['_READARTIFACTREQUEST']._serialized_start=722
-  _globals['_READARTIFACTREQUEST']._serialized_end=763
-  _globals['_JOBSERVICE']._serialized_start=766
-  _globals['_JOBSERVICE']._serialized_end=1387
+  _globals['_CREATEJOBREQUEST']._serialized_start=204
+  _globals['_CREATEJOBREQUEST']._serialized_end=275
+  _globals['_CREATEJOBRESPONSE']._serialized_start=277
+  _globals['_CREATEJOBRESPONSE']._serialized_end=323
+  _globals['_ESTIMATEJOBREQUEST']._serialized_start=325
+  _globals['_ESTIMATEJOBREQUEST']._serialized_end=378
+  _globals['_ESTIMATEJOBRESPONSE']._serialized_start=381
+  _globals['_ESTIMATEJOBRESPONSE']._serialized_end=613
+  _globals['_GETJOBREQUEST']._serialized_start=615
+  _globals['_GETJOBREQUEST']._serialized_end=650
+  _globals['_GETJOBRESPONSE']._serialized_start=652
+  _globals['_GETJOBRESPONSE']._serialized_end=695
+  _globals['_LISTJOBSREQUEST']._serialized_start=697
+  _globals['_LISTJOBSREQUEST']._serialized_end=753
+  _globals['_LISTJOBSRESPONSE']._serialized_start=755
+  _globals['_LISTJOBSRESPONSE']._serialized_end=826
+  _globals['_CANCELJOBREQUEST']._serialized_start=828
+  _globals['_CANCELJOBREQUEST']._serialized_end=866
+  _globals['_CANCELJOBRESPONSE']._serialized_start=868
+  _globals['_CANCELJOBRESPONSE']._serialized_end=914
+  _globals['_WATCHJOBREQUEST']._serialized_start=916
+  _globals['_WATCHJOBREQUEST']._serialized_end=977
+  _globals['_WATCHJOBRESPONSE']._serialized_start=979
+  _globals['_WATCHJOBRESPONSE']._serialized_end=1042
+  _globals['_READARTIFACTREQUEST']._serialized_start=1044
+  _globals['_READARTIFACTREQUEST']._serialized_end=1085
+  _globals['_JOBSERVICE']._serialized_start=1088
+  _globals['_JOBSERVICE']._serialized_end=1815
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from kiln.v1 import job_pb2 as _job_pb2
@@ -62,6 +63,70 @@ class CreateJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateJobResponse: _TypeAlias = CreateJobResponse  # noqa: Y015
+
+@_typing.final
+class EstimateJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> _job_pb2.Job: ...
+    def __init__(
+        self,
+        *,
+        job: _job_pb2.Job | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EstimateJobRequest: _TypeAlias = EstimateJobRequest  # noqa: Y015
+
+@_typing.final
+class EstimateJobResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COST_UNITS_FIELD_NUMBER: _builtins.int
+    ADMISSIBLE_NOW_FIELD_NUMBER: _builtins.int
+    LIMITING_POLICY_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_FIELD_NUMBER: _builtins.int
+    QUEUED_UNITS_FIELD_NUMBER: _builtins.int
+    EXPECTED_WAIT_FIELD_NUMBER: _builtins.int
+    SERVICE_RATE_FIELD_NUMBER: _builtins.int
+    cost_units: _builtins.int
+    """What the job would cost, in compute units."""
+    admissible_now: _builtins.bool
+    """Whether CreateJob would admit it now."""
+    limiting_policy: _builtins.str
+    """When not admissible now: the policy or cap in the way, and when to try again."""
+    queued_units: _builtins.int
+    """Compute units queued for the model, and the wait they mean at the measured service rate."""
+    service_rate: _builtins.float
+    """Compute units per second the model's workers finished lately; 0 before any measurement."""
+    @_builtins.property
+    def retry_after(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def expected_wait(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        cost_units: _builtins.int = ...,
+        admissible_now: _builtins.bool = ...,
+        limiting_policy: _builtins.str = ...,
+        retry_after: _duration_pb2.Duration | None = ...,
+        queued_units: _builtins.int = ...,
+        expected_wait: _duration_pb2.Duration | None = ...,
+        service_rate: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expected_wait", b"expected_wait", "retry_after", b"retry_after"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admissible_now", b"admissible_now", "cost_units", b"cost_units", "expected_wait", b"expected_wait", "limiting_policy", b"limiting_policy", "queued_units", b"queued_units", "retry_after", b"retry_after", "service_rate", b"service_rate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EstimateJobResponse: _TypeAlias = EstimateJobResponse  # noqa: Y015
 
 @_typing.final
 class GetJobRequest(_message.Message):

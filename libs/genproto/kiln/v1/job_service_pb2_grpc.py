@@ -41,6 +41,11 @@ class JobServiceStub:
                 request_serializer=kiln_dot_v1_dot_job__service__pb2.CreateJobRequest.SerializeToString,
                 response_deserializer=kiln_dot_v1_dot_job__service__pb2.CreateJobResponse.FromString,
                 _registered_method=True)
+        self.EstimateJob = channel.unary_unary(
+                '/kiln.v1.JobService/EstimateJob',
+                request_serializer=kiln_dot_v1_dot_job__service__pb2.EstimateJobRequest.SerializeToString,
+                response_deserializer=kiln_dot_v1_dot_job__service__pb2.EstimateJobResponse.FromString,
+                _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/kiln.v1.JobService/GetJob',
                 request_serializer=kiln_dot_v1_dot_job__service__pb2.GetJobRequest.SerializeToString,
@@ -74,6 +79,14 @@ class JobServiceServicer:
 
     def CreateJob(self, request, context):
         """Accepts a job at once and returns it in STATE_QUEUED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EstimateJob(self, request, context):
+        """Prices a job and says whether the caller's tier would admit it now, and how long it would
+        likely wait, without admitting or charging anything.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,6 +136,11 @@ def add_JobServiceServicer_to_server(servicer, server):
                     servicer.CreateJob,
                     request_deserializer=kiln_dot_v1_dot_job__service__pb2.CreateJobRequest.FromString,
                     response_serializer=kiln_dot_v1_dot_job__service__pb2.CreateJobResponse.SerializeToString,
+            ),
+            'EstimateJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.EstimateJob,
+                    request_deserializer=kiln_dot_v1_dot_job__service__pb2.EstimateJobRequest.FromString,
+                    response_serializer=kiln_dot_v1_dot_job__service__pb2.EstimateJobResponse.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
@@ -178,6 +196,33 @@ class JobService:
             '/kiln.v1.JobService/CreateJob',
             kiln_dot_v1_dot_job__service__pb2.CreateJobRequest.SerializeToString,
             kiln_dot_v1_dot_job__service__pb2.CreateJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EstimateJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kiln.v1.JobService/EstimateJob',
+            kiln_dot_v1_dot_job__service__pb2.EstimateJobRequest.SerializeToString,
+            kiln_dot_v1_dot_job__service__pb2.EstimateJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,6 +19,10 @@ class JobServiceStub:
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.CreateJobRequest, _job_service_pb2.CreateJobResponse]
     """Accepts a job at once and returns it in STATE_QUEUED."""
+    EstimateJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.EstimateJobRequest, _job_service_pb2.EstimateJobResponse]
+    """Prices a job and says whether the caller's tier would admit it now, and how long it would
+    likely wait, without admitting or charging anything.
+    """
     GetJob: _aio.UnaryUnaryMultiCallable[_job_service_pb2.GetJobRequest, _job_service_pb2.GetJobResponse]
     """Returns one of the caller's jobs."""
     ListJobs: _aio.UnaryUnaryMultiCallable[_job_service_pb2.ListJobsRequest, _job_service_pb2.ListJobsResponse]
@@ -44,6 +48,16 @@ class JobServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _aio.ServicerContext[_job_service_pb2.CreateJobRequest, _abc.Awaitable[_job_service_pb2.CreateJobResponse]],
     ) -> _abc.Awaitable[_job_service_pb2.CreateJobResponse]:
         """Accepts a job at once and returns it in STATE_QUEUED."""
+
+    @_abc_1.abstractmethod
+    def EstimateJob(
+        self,
+        request: _job_service_pb2.EstimateJobRequest,
+        context: _aio.ServicerContext[_job_service_pb2.EstimateJobRequest, _abc.Awaitable[_job_service_pb2.EstimateJobResponse]],
+    ) -> _abc.Awaitable[_job_service_pb2.EstimateJobResponse]:
+        """Prices a job and says whether the caller's tier would admit it now, and how long it would
+        likely wait, without admitting or charging anything.
+        """
 
     @_abc_1.abstractmethod
     def GetJob(

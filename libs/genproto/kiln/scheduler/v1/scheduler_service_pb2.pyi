@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from kiln.v1 import job_pb2 as _job_pb2
+from kiln.v1 import job_service_pb2 as _job_service_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -80,6 +81,52 @@ class SubmitJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubmitJobResponse: _TypeAlias = SubmitJobResponse  # noqa: Y015
+
+@_typing.final
+class EstimateJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_FIELD_NUMBER: _builtins.int
+    TIER_FIELD_NUMBER: _builtins.int
+    JOB_FIELD_NUMBER: _builtins.int
+    tenant: _builtins.str
+    tier: _builtins.str
+    @_builtins.property
+    def job(self) -> _job_pb2.Job: ...
+    def __init__(
+        self,
+        *,
+        tenant: _builtins.str = ...,
+        tier: _builtins.str = ...,
+        job: _job_pb2.Job | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "tenant", b"tenant", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EstimateJobRequest: _TypeAlias = EstimateJobRequest  # noqa: Y015
+
+@_typing.final
+class EstimateJobResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ESTIMATE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def estimate(self) -> _job_service_pb2.EstimateJobResponse: ...
+    def __init__(
+        self,
+        *,
+        estimate: _job_service_pb2.EstimateJobResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["estimate", b"estimate"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["estimate", b"estimate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EstimateJobResponse: _TypeAlias = EstimateJobResponse  # noqa: Y015
 
 @_typing.final
 class GetJobRequest(_message.Message):

@@ -41,6 +41,11 @@ class SchedulerServiceStub:
                 request_serializer=kiln_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SubmitJobRequest.SerializeToString,
                 response_deserializer=kiln_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SubmitJobResponse.FromString,
                 _registered_method=True)
+        self.EstimateJob = channel.unary_unary(
+                '/kiln.scheduler.v1.SchedulerService/EstimateJob',
+                request_serializer=kiln_dot_scheduler_dot_v1_dot_scheduler__service__pb2.EstimateJobRequest.SerializeToString,
+                response_deserializer=kiln_dot_scheduler_dot_v1_dot_scheduler__service__pb2.EstimateJobResponse.FromString,
+                _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/kiln.scheduler.v1.SchedulerService/GetJob',
                 request_serializer=kiln_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetJobRequest.SerializeToString,
@@ -75,6 +80,13 @@ class SchedulerServiceServicer:
 
     def SubmitJob(self, request, context):
         """Admits a validated job and queues it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EstimateJob(self, request, context):
+        """Dry-run admission: prices the job and checks the policies without writing anything.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -117,6 +129,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.SubmitJob,
                     request_deserializer=kiln_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SubmitJobRequest.FromString,
                     response_serializer=kiln_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SubmitJobResponse.SerializeToString,
+            ),
+            'EstimateJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.EstimateJob,
+                    request_deserializer=kiln_dot_scheduler_dot_v1_dot_scheduler__service__pb2.EstimateJobRequest.FromString,
+                    response_serializer=kiln_dot_scheduler_dot_v1_dot_scheduler__service__pb2.EstimateJobResponse.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
@@ -173,6 +190,33 @@ class SchedulerService:
             '/kiln.scheduler.v1.SchedulerService/SubmitJob',
             kiln_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SubmitJobRequest.SerializeToString,
             kiln_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SubmitJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EstimateJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kiln.scheduler.v1.SchedulerService/EstimateJob',
+            kiln_dot_scheduler_dot_v1_dot_scheduler__service__pb2.EstimateJobRequest.SerializeToString,
+            kiln_dot_scheduler_dot_v1_dot_scheduler__service__pb2.EstimateJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

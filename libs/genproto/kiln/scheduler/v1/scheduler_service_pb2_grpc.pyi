@@ -20,6 +20,8 @@ class SchedulerServiceStub:
     def __init__(self, channel: _aio.Channel) -> None: ...
     SubmitJob: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.SubmitJobRequest, _scheduler_service_pb2.SubmitJobResponse]
     """Admits a validated job and queues it."""
+    EstimateJob: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.EstimateJobRequest, _scheduler_service_pb2.EstimateJobResponse]
+    """Dry-run admission: prices the job and checks the policies without writing anything."""
     GetJob: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.GetJobRequest, _scheduler_service_pb2.GetJobResponse]
     ListJobs: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListJobsRequest, _scheduler_service_pb2.ListJobsResponse]
     CancelJob: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.CancelJobRequest, _scheduler_service_pb2.CancelJobResponse]
@@ -38,6 +40,14 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _aio.ServicerContext[_scheduler_service_pb2.SubmitJobRequest, _abc.Awaitable[_scheduler_service_pb2.SubmitJobResponse]],
     ) -> _abc.Awaitable[_scheduler_service_pb2.SubmitJobResponse]:
         """Admits a validated job and queues it."""
+
+    @_abc_1.abstractmethod
+    def EstimateJob(
+        self,
+        request: _scheduler_service_pb2.EstimateJobRequest,
+        context: _aio.ServicerContext[_scheduler_service_pb2.EstimateJobRequest, _abc.Awaitable[_scheduler_service_pb2.EstimateJobResponse]],
+    ) -> _abc.Awaitable[_scheduler_service_pb2.EstimateJobResponse]:
+        """Dry-run admission: prices the job and checks the policies without writing anything."""
 
     @_abc_1.abstractmethod
     def GetJob(
