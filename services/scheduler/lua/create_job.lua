@@ -52,6 +52,7 @@ for i = 1, n do
 end
 redis.call("HINCRBY", KEYS[5], "in_flight", 1)
 redis.call("HINCRBY", KEYS[5], "queued_cu", cost)
+redis.call("EXPIRE", KEYS[5], 2592000)  -- idle tenants' counters go after 30 days
 redis.call("HSET", KEYS[1], "create_ms", math.floor(now), "cost", cost, unpack(ARGV, base))
 redis.call("ZADD", KEYS[3], 0, ARGV[1])
 if ARGV[2] ~= "0" then

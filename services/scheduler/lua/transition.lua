@@ -52,6 +52,7 @@ if new_state ~= "" and new_state ~= state and cost then
   if new_state == "SUCCEEDED" or new_state == "FAILED" or new_state == "CANCELLED" then
     redis.call("HINCRBY", KEYS[3], "in_flight", -1)
   end
+  redis.call("EXPIRE", KEYS[3], 2592000)
 end
 redis.call("XADD", KEYS[2], "*", unpack(redis.call("HGETALL", KEYS[1])))
 if ARGV[5] ~= "0" then
