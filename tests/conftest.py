@@ -87,6 +87,8 @@ async def stack(redis_server: RedisServer, local_model_dir: Path) -> AsyncIterat
         ),
         # In the gateway's catalog but loaded by no worker: its jobs wait in the queue.
         "unserved": ModelSpec(source="/nonexistent", size_multiple=16, default_size=64, default_steps=4),
+        # Served only by the one-slot worker the queue-timeout test starts for itself.
+        "solo": ModelSpec(source=str(local_model_dir), size_multiple=16, default_size=64, default_steps=4),
         # Also unserved; the admission-control test meters its service rate by claiming by hand.
         "metered": ModelSpec(source="/nonexistent", size_multiple=16, default_size=64, default_steps=4),
     }

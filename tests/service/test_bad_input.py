@@ -87,7 +87,9 @@ async def test_rest_unknown_model_lists_the_models(stack: Stack, fresh_key: str)
         assert violations == [
             {
                 "field": "job.model",
-                "description": "must be one of: local-tiny, metered, tiny-sd, unserved; got 'sdxl-turbo'",
+                "description": (
+                    "must be one of: local-tiny, metered, solo, tiny-sd, unserved; got 'sdxl-turbo'"
+                ),
             }
         ]
         assert await _list_count(http, stack, fresh_key) == 0

@@ -3,6 +3,7 @@ tenants, in order within a tenant, with no starvation, and queue timeouts that f
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -10,9 +11,14 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 from google.protobuf import timestamp_pb2
+from google.rpc import code_pb2
+from kiln.v1 import job_pb2
 from redis.asyncio import Redis
 
 from libs.api_keys import ApiKeys
+from libs.sdk.client import KilnClient
+from libs.settings import WorkerSettings
+from services.gpu_worker.app import WorkerApp
 from services.scheduler.queues import QueuedJob, Queues
 from services.scheduler.scripts import Scripts
 from tests.conftest import Stack
@@ -109,6 +115,49 @@ async def test_removed_and_requeued_jobs_keep_the_sets_consistent(queues: tuple[
     assert not await q.remove(QueuedJob("t", "pro", first, model, 1))
     assert await _next(q, model) == ("t", second)
     assert await q.claim("test-worker", [model], 60_000) is None
+
+
+async def test_a_queued_job_expires_on_time_while_the_only_worker_is_busy(stack: Stack) -> None:
+    """A one-slot worker is the only one serving `solo`; it is busy with a long job while a job with
+    a 2 s queue timeout waits behind it. The waiting job fails at 2-3 s, not when the long job ends."""
+    worker = WorkerApp(
+        WorkerSettings(
+            redis_url=stack.redis_url,
+            scheduler_address=f"127.0.0.1:{stack.scheduler.port}",
+            worker_slots=1,
+            worker_id="solo-worker",
+            models=stack.scheduler.settings.models,
+            worker_models=["solo"],
+        )
+    )
+    await worker.start()
+    assert worker.link is not None
+    await asyncio.wait_for(worker.link.connected.wait(), timeout=30)
+    async with KilnClient(stack.grpc_target, stack.key_a) as client:
+        try:
+            long_job = await client.create_job(
+                job_pb2.Job(
+                    model="solo",
+                    text_to_image=job_pb2.TextToImage(prompt="long", width=512, height=512, steps=150),
+                )
+            )
+            async for event in client.watch(long_job.name):
+                if event.job.progress.step >= 1:
+                    break  # the worker is busy with it now
+            waiting = job_pb2.Job(model="solo", text_to_image=job_pb2.TextToImage(prompt="waits"))
+            waiting.queue_timeout.FromSeconds(2)
+            short = await client.create_job(waiting)
+            async for event in client.watch(short.name):
+                final = event.job
+            running = await client.get_job(long_job.name)
+        finally:
+            await client.cancel_job(long_job.name)
+            await worker.stop()
+    assert final.state == job_pb2.Job.STATE_FAILED
+    assert final.error.code == code_pb2.DEADLINE_EXCEEDED
+    assert 2000 <= final.end_time.ToMilliseconds() - final.create_time.ToMilliseconds() <= 3000
+    assert final.attempt == 0  # never dispatched
+    assert running.state == job_pb2.Job.STATE_RUNNING  # the long job was still running
 
 
 async def test_a_queued_job_past_its_queue_timeout_fails_on_time(stack: Stack) -> None:
