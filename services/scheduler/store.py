@@ -24,6 +24,7 @@ from services.scheduler.scripts import Scripts
 REQUEST_ID_TTL_S = 24 * 3600
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
+FIRST_EVENT_ID = "0-1"
 _JOB_ID = re.compile(rb"[0-9a-z]{26}")
 _EVENT_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
 TERMINAL = ",".join(s.value for s in State if s.terminal)
@@ -309,9 +310,14 @@ class JobStore:
         """Yields (event id, snapshot) after `after`; ends after the terminal snapshot, or at once
         when the job already ended before `after`."""
         _check_event_id(after)
-        await self.get(tenant, job_id)
+        record = await self.get(tenant, job_id)
         stream, job_key = keys.job_events(tenant, job_id), keys.job(tenant, job_id)
         last = after or "0-0"
+        if last == "0-0" and record.state is State.QUEUED and not await self._redis.exists(stream):
+            # Not yet changed since it was created, so it has no stream: its first event is the
+            # record itself, under the id the first transition will give it.
+            last = FIRST_EVENT_ID
+            yield last, record
         block: int | None = None  # the first read never waits: there may be nothing left to wait for
         while True:
             reply: Any = await self._redis.xread({stream: last}, block=block, count=100)

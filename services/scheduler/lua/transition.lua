@@ -42,6 +42,10 @@ if ARGV[4] ~= "" then
   fields[#fields + 1] = ARGV[4]
   fields[#fields + 1] = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+if redis.call("EXISTS", KEYS[2]) == 0 then
+  -- The job's first change: its stream starts with the snapshot it was created with.
+  redis.call("XADD", KEYS[2], "0-1", unpack(redis.call("HGETALL", KEYS[1])))
+end
 if #fields > 0 then redis.call("HSET", KEYS[1], unpack(fields)) end
 -- The tenant's counters follow the state: queued CU while QUEUED, in flight until terminal.
 local new_state = ARGV[3]
