@@ -108,6 +108,22 @@ async def test_a_free_job_behind_an_endless_paid_backlog_starts_within_the_bound
     assert ("f", free_job) in order
 
 
+async def test_new_arrivals_in_a_tier_do_not_push_back_its_waiting_job(queues: tuple[Queues, str]) -> None:
+    """Other free tenants keep arriving; the free tier's waiting job still starts within the bound."""
+    q, model = queues
+    await _add(q, model, "pro", "p", count=500)
+    await _add(q, model, "enterprise", "e", count=500)
+    for _ in range(50):
+        await _next(q, model)
+    [free_job] = await _add(q, model, "free", "f")
+    order = []
+    for claim in range(21):
+        if claim % 5 == 0:
+            await _add(q, model, "free", f"z{claim}")
+        order.append(await _next(q, model))
+    assert ("f", free_job) in order
+
+
 async def test_removed_and_requeued_jobs_keep_the_sets_consistent(queues: tuple[Queues, str]) -> None:
     q, model = queues
     first, second = await _add(q, model, "pro", "t", count=2)

@@ -3,7 +3,8 @@
 --   <P>tiers:<m>              zset  active tiers, scored by the finish tag of their next job
 --   <P>tenants:<m>:<tier>     zset  active tenants of a tier, scored the same way within the tier
 --   <P>q:<m>:<tier>:<tenant>  list  the tenant's FIFO of "<job id> <cost>"
---   <P>vt:<m>                 hash  F:<tier>, F:<tier>:<tenant> (last finish tags) and V, V:<tier>
+--   <P>vt:<m>                 hash  F:/S:<tier>, F:/S:<tier>:<tenant> (last finish, current start
+--                                   tags) and V, V:<tier>
 --                                   (virtual time: the start tag of the last job served there);
 --                                   queued_cu; served/served_ms (CU served, decayed over RATE_TAU_MS)
 -- A tier's next job finishes at max(F_tier, V) + cost / weight; a tenant's at max(F_tenant,
@@ -42,6 +43,21 @@ local function deadline_member(model, tier, tenant, item)
   return model .. "|" .. tier .. "|" .. tenant .. "|" .. item
 end
 
+-- A tier's or tenant's start tag S is fixed when it becomes active (max(F, V): no banked credit)
+-- and after each job it is served (its last finish tag F). Its score, the finish tag of its next
+-- job, is S + cost (/ weight for tiers). Later arrivals and head changes re-place it from that
+-- same S, so newcomers elsewhere never push back work already waiting.
+local function place(set, member, vt, s_field, f_field, v_field, cost)
+  local start
+  if redis.call("ZSCORE", set, member) then
+    start = num(redis.call("HGET", vt, s_field))
+  else
+    start = math.max(num(redis.call("HGET", vt, f_field)), num(redis.call("HGET", vt, v_field)))
+    redis.call("HSET", vt, s_field, start)
+  end
+  redis.call("ZADD", set, start + cost, member)
+end
+
 -- Re-place a tenant by its head job, or drop it from the active set when it has none.
 local function rescore_tenant(model, tier, tenant)
   local _, tenants, list, vt = names(model, tier, tenant)
@@ -50,8 +66,8 @@ local function rescore_tenant(model, tier, tenant)
     redis.call("ZREM", tenants, tenant)
     return
   end
-  local start = math.max(num(redis.call("HGET", vt, "F:" .. tier .. ":" .. tenant)), num(redis.call("HGET", vt, "V:" .. tier)))
-  redis.call("ZADD", tenants, start + cost, tenant)
+  local id = tier .. ":" .. tenant
+  place(tenants, tenant, vt, "S:" .. id, "F:" .. id, "V:" .. tier, cost)
 end
 
 -- Re-place a tier by the head job of its first tenant, or drop it when no tenant is active.
@@ -63,8 +79,7 @@ local function rescore_tier(model, tier)
     return
   end
   local _, _, list = names(model, tier, first[1])
-  local start = math.max(num(redis.call("HGET", vt, "F:" .. tier)), num(redis.call("HGET", vt, "V")))
-  redis.call("ZADD", tiers, start + head_cost(list) / (weights[tier] or 1), tier)
+  place(tiers, tier, vt, "S:" .. tier, "F:" .. tier, "V", head_cost(list) / (weights[tier] or 1))
 end
 
 -- Compute units served, as an exponentially decayed sum: sum / tau is the recent rate in CU/ms.
@@ -156,8 +171,10 @@ if op == "claim" then
         else
           local job_id, cost = string.match(item, "^(%S+) (%S+)$")
           cost = tonumber(cost)
-          redis.call("HSET", vt, "F:" .. tier, tier_finish, "V", tier_finish - cost / (weights[tier] or 1),
-            "F:" .. tier .. ":" .. tenant, tenant_finish, "V:" .. tier, tenant_finish - cost)
+          local id = tier .. ":" .. tenant
+          redis.call("HSET", vt, "F:" .. tier, tier_finish, "S:" .. tier, tier_finish,
+            "V", tier_finish - cost / (weights[tier] or 1),
+            "F:" .. id, tenant_finish, "S:" .. id, tenant_finish, "V:" .. tier, tenant_finish - cost)
           redis.call("HINCRBY", vt, "queued_cu", -cost)
           served(vt, now_ms(), cost)
           rescore_tenant(model, tier, tenant)
