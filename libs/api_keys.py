@@ -38,6 +38,14 @@ def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def _check_tier(tier: str) -> None:
+    # Which tiers exist is the services' configuration; a key only needs a well-formed name.
+    if not _TENANT.fullmatch(tier):
+        raise InvalidArgument.field(
+            "tier", "must be a tier name (a-z, 0-9, '-'): free, pro, enterprise or a configured one"
+        )
+
+
 class ApiKeys:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
@@ -48,6 +56,7 @@ class ApiKeys:
             raise InvalidArgument.field(
                 "tenant", "must be 1-63 characters of a-z, 0-9 and '-', starting with a letter or digit"
             )
+        _check_tier(tier)
         key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
         await self._redis.hset(
             keys.api_key(key_id),
@@ -63,10 +72,7 @@ class ApiKeys:
 
     async def set_tier(self, key_id: str, tier: str) -> bool:
         """Moves a key to another tier; the gateway reads it on every call, so it applies at once."""
-        if not _TENANT.fullmatch(tier):
-            raise InvalidArgument.field(
-                "tier", "must be a tier name: free, pro, enterprise or a configured one"
-            )
+        _check_tier(tier)
         key = keys.api_key(key_id)
         if not await self._redis.exists(key):
             return False

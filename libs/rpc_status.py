@@ -16,6 +16,7 @@ import grpc
 from google.protobuf import duration_pb2, json_format
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from libs.errors import BY_CODE, DOMAIN, FieldViolation, Internal, KilnError, QuotaViolation, Unavailable
 
@@ -123,6 +124,9 @@ def as_kiln_error(exc: BaseException) -> KilnError:
         return exc
     if isinstance(exc, grpc.aio.AioRpcError):
         return from_rpc_error(exc)
+    if isinstance(exc, RedisConnectionError):  # includes timeouts and an exhausted pool
+        log.warning("storage unavailable: %s", exc)
+        return Unavailable("storage is unavailable; retry", reason="STORAGE_UNAVAILABLE", retry_after_s=1)
     log.error("unexpected error", exc_info=exc)
     return Internal(GENERIC_INTERNAL)
 

@@ -12,12 +12,16 @@ from libs.errors import FailedPrecondition
 
 
 class Tier(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Strict: "20" or true are not numbers here, and nor are inf and nan; rates have a floor so
+    # that one unit's interval stays a finite number of milliseconds.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
-    cu_per_second: float = Field(gt=0, description="sustained compute-unit rate")
+    cu_per_second: float = Field(ge=1e-6, le=1e6, description="sustained compute-unit rate")
     cu_burst: int = Field(ge=1, description="compute units that may be spent at once")
-    daily_cu_quota: int = Field(ge=1, description="compute units per UTC day")
-    requests_per_second: float = Field(gt=0, description="sustained CreateJob rate, whatever the cost")
+    daily_cu_quota: int = Field(ge=1, description="compute units per rolling day")
+    requests_per_second: float = Field(
+        ge=1e-6, le=1e6, description="sustained CreateJob rate, whatever the cost"
+    )
     request_burst: int = Field(ge=1)
     max_in_flight: int = Field(ge=1, description="jobs queued or running at once")
     max_queued_cu: int = Field(ge=1, description="compute units waiting in the queue at once")
@@ -25,7 +29,7 @@ class Tier(BaseModel):
     max_steps: int = Field(ge=1)
     max_num_images: int = Field(ge=1)
     dispatch_weight: int = Field(ge=1, description="share of GPU time against other tiers")
-    max_queue_wait_s: float = Field(gt=0, description="longest a job may wait in the queue")
+    max_queue_wait_s: float = Field(ge=1, le=7 * 86400, description="longest a job may wait in the queue")
 
 
 DEFAULT_TIERS: dict[str, Tier] = {

@@ -53,6 +53,7 @@ TEST_TIERS: dict[str, dict[str, float]] = {
     "daily3": _tier(daily_cu_quota=3),
     "retry2s": _tier(cu_burst=1, cu_per_second=0.5),
     "qcap10": _tier(max_queued_cu=10),
+    "two-policies": _tier(cu_burst=1, cu_per_second=1, request_burst=1, requests_per_second=0.1),
 }
 
 

@@ -8,7 +8,7 @@ import grpc
 from aiohttp import web
 from kiln.scheduler.v1 import scheduler_service_pb2_grpc
 from kiln.v1 import job_service_pb2, job_service_pb2_grpc
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from libs.api_keys import ApiKeys, Principal
 from libs.ratelimit import header_fields, read_status
@@ -27,8 +27,14 @@ JOB_SERVICE = job_service_pb2.DESCRIPTOR.services_by_name["JobService"]
 class GatewayApp:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.redis = Redis.from_url(
-            settings.redis_url, max_connections=200, socket_timeout=settings.redis_socket_timeout_seconds
+        # A blocking pool: a burst waits for a connection instead of failing the request.
+        self.redis = Redis.from_pool(  # from_pool: closing the client closes the pool
+            BlockingConnectionPool.from_url(
+                settings.redis_url,
+                max_connections=200,
+                timeout=settings.redis_socket_timeout_seconds,
+                socket_timeout=settings.redis_socket_timeout_seconds,
+            )
         )
         self.channel = grpc.aio.insecure_channel(settings.scheduler_address, options=GRPC_OPTIONS)
         self.tiers = settings.tier_table()

@@ -106,7 +106,8 @@ class _RestEdge:
             call: Callable[[object, Message], Any] = getattr(self._api, route.method.name)
             if not route.server_streaming:
                 response = web.json_response(encode_response(route, await call(principal, message)))
-                response.headers.update(await self._headers_for(principal))
+                with contextlib.suppress(Exception):  # the call succeeded; headers are a courtesy
+                    response.headers.update(await self._headers_for(principal))
                 return response
             stream: AsyncIterator[Message] = call(principal, message)
         except Exception as exc:  # the boundary: every failure becomes a JSON error

@@ -62,7 +62,8 @@ class Jobs:
     ) -> JobRecord:
         cost = compute_units(spec, self._model(model).cost_factor)
         tier_config = tier_of(self._tiers, tier)
-        await self._refuse_long_waits(model, cost, tier, tier_config)
+        if not (request_id and await self._store.replayed(tenant, request_id)):
+            await self._refuse_long_waits(model, cost, tier, tier_config)
         longest = int(tier_config.max_queue_wait_s * 1000)
         record, created = await self._store.create(
             tenant,
@@ -82,7 +83,7 @@ class Jobs:
         tier_config = tier_of(self._tiers, tier)
         cost = compute_units(spec, self._model(model).cost_factor)
         queued_cu, rate = await self._queues.stats(model)
-        estimate = Estimate(cost, True, "", 0.0, queued_cu, (queued_cu + cost) / rate if rate else 0.0, rate)
+        estimate = Estimate(cost, True, "", 0.0, queued_cu, queued_cu / rate if rate else 0.0, rate)
         try:
             await self._store.check(tenant, terms(tier, tier_config, cost))
             await self._refuse_long_waits(model, cost, tier, tier_config)
@@ -98,9 +99,11 @@ class Jobs:
     async def _refuse_long_waits(self, model: str, cost: int, tier: str, tier_config: Tier) -> None:
         """Admission control: no job is accepted that would likely outwait its tier's limit."""
         queued_cu, rate = await self._queues.stats(model)
-        if not rate:
-            return  # nothing measured yet (or nothing served lately): the queue timeout still holds
-        wait_s = (queued_cu + cost) / rate
+        if not queued_cu or not rate:
+            # Nothing ahead: it starts as soon as a worker is free. Nothing measured: the queue
+            # timeout still bounds the wait. (The rate is of work taken on, so it sags when idle.)
+            return
+        wait_s = queued_cu / rate
         if wait_s > tier_config.max_queue_wait_s:
             raise Unavailable(
                 f"the queue for {model} would take about {wait_s:.0f} s, more than the {tier} tier's "

@@ -95,6 +95,10 @@ class JobStore:
             raise Internal(f"job id collision on {found_id}")
         return await self.get(tenant, found_id), status == "CREATED"
 
+    async def replayed(self, tenant: str, request_id: str) -> bool:
+        """Whether `request_id` already made a job (create then returns it, whatever the limits)."""
+        return bool(await self._redis.exists(keys.request_id(tenant, request_id)))
+
     async def check(self, tenant: str, terms: Terms) -> None:
         """Raises the refusal CreateJob would meet now; writes nothing."""
         await self._admit(tenant, "", terms, "", "", [])

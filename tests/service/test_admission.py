@@ -18,6 +18,7 @@ from kiln.scheduler.v1 import scheduler_service_pb2_grpc as spb_grpc
 from kiln.v1 import job_pb2
 from kiln.v1 import job_service_pb2 as pb
 from kiln.v1 import job_service_pb2_grpc as pb_grpc
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from libs import redis_keys as keys
@@ -27,6 +28,7 @@ from libs.cost import compute_units
 from libs.jobs import TextToImage
 from libs.rpc_status import from_rpc_error
 from libs.settings import SchedulerSettings
+from libs.tiers import Tier
 from services.scheduler.app import SchedulerApp
 from services.scheduler.queues import Queues
 from services.scheduler.scripts import Scripts
@@ -304,3 +306,28 @@ async def test_jobs_that_would_outwait_the_tier_are_refused_with_503(stack: Stac
         "max_queue_wait_s",
     )
     assert 1400 < float(estimate["expectedWait"].rstrip("s")) < 1600  # (24 + 1) CU at 1/60 CU/s
+
+
+async def test_retry_after_covers_every_refusing_policy(stack: Stack) -> None:
+    """Both the CU (1 s) and the request (10 s) policies refuse: the answer is the longer wait."""
+    key, _ = await _key(stack, "tenant-two-policies", "two-policies")
+    async with aiohttp.ClientSession() as http:
+        assert (await _submit(http, stack, key))[0] == 200
+        status, headers, body = await _submit(http, stack, key)
+    assert status == 429
+    assert body["error"]["details"][0]["metadata"]["policy"] == "requests"
+    assert headers["Retry-After"] == "10"
+
+
+def test_tier_values_are_strict() -> None:
+    base = TEST_TIERS["burst5"]
+    for bad in (
+        {"cu_per_second": float("inf")},
+        {"cu_burst": "20"},
+        {"requests_per_second": 1e-300},
+        {"max_queue_wait_s": 0.0001},
+        {"cu_burst": True},
+    ):
+        with pytest.raises(ValidationError):
+            Tier.model_validate({**base, **bad})
+    assert Tier.model_validate(base).cu_burst == 5

@@ -35,16 +35,18 @@ end
 local n = tonumber(ARGV[7])
 local tats = {}
 local base = 8 + 4 * n
+local worst = nil  -- the refusing policy that needs the longest wait: after it, all of them pass
 for i = 1, n do
   local a = 8 + 4 * (i - 1)
   local interval, burst, units = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
   local tat = math.max(tonumber(redis.call("GET", KEYS[5 + i]) or "0"), now)
   local new_tat = tat + units * interval
   local excess = new_tat - now - burst * interval
-  if excess > 0 then
-    return {"LIMITED", ARGV[a], tostring(math.ceil(excess)), ARGV[a + 2]}
-  end
+  if excess > 0 and (not worst or excess > worst[2]) then worst = {a, excess} end
   tats[i] = new_tat
+end
+if worst then
+  return {"LIMITED", ARGV[worst[1]], tostring(math.ceil(worst[2])), ARGV[worst[1] + 2]}
 end
 if dry then return {"ADMISSIBLE", ""} end
 for i = 1, n do
