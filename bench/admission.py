@@ -29,10 +29,10 @@ from services.scheduler.store import JobStore
 
 SPEC = TextToImage("a red fox", "", 512, 512, 25, 7.5, 7, 1)
 ROOMY = Tier(
-    cu_per_second=1e9,
+    cu_per_second=1e6,
     cu_burst=10**9,
     daily_cu_quota=10**12,
-    requests_per_second=1e9,
+    requests_per_second=1e6,
     request_burst=10**9,
     max_in_flight=10**9,
     max_queued_cu=10**12,
