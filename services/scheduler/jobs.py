@@ -63,7 +63,7 @@ class Jobs:
         cost = compute_units(spec, self._model(model).cost_factor)
         tier_config = tier_of(self._tiers, tier)
         if not (request_id and await self._store.replayed(tenant, request_id)):
-            await self._refuse_long_waits(model, cost, tier, tier_config)
+            await self._refuse_long_waits(await self._queues.stats(model), model, tier, tier_config)
         longest = int(tier_config.max_queue_wait_s * 1000)
         record, created = await self._store.create(
             tenant,
@@ -82,11 +82,12 @@ class Jobs:
     async def estimate(self, tenant: str, tier: str, model: str, spec: TextToImage) -> Estimate:
         tier_config = tier_of(self._tiers, tier)
         cost = compute_units(spec, self._model(model).cost_factor)
-        queued_cu, rate = await self._queues.stats(model)
+        stats = await self._queues.stats(model)
+        queued_cu, rate = stats
         estimate = Estimate(cost, True, "", 0.0, queued_cu, queued_cu / rate if rate else 0.0, rate)
         try:
             await self._store.check(tenant, terms(tier, tier_config, cost))
-            await self._refuse_long_waits(model, cost, tier, tier_config)
+            await self._refuse_long_waits(stats, model, tier, tier_config)
         except (ResourceExhausted, Unavailable) as refused:
             return dataclasses.replace(
                 estimate,
@@ -96,9 +97,11 @@ class Jobs:
             )
         return estimate
 
-    async def _refuse_long_waits(self, model: str, cost: int, tier: str, tier_config: Tier) -> None:
+    async def _refuse_long_waits(
+        self, stats: tuple[int, float], model: str, tier: str, tier_config: Tier
+    ) -> None:
         """Admission control: no job is accepted that would likely outwait its tier's limit."""
-        queued_cu, rate = await self._queues.stats(model)
+        queued_cu, rate = stats
         if not queued_cu or not rate:
             # Nothing ahead: it starts as soon as a worker is free. Nothing measured: the queue
             # timeout still bounds the wait. (The rate is of work taken on, so it sags when idle.)
