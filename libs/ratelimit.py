@@ -54,19 +54,21 @@ async def read_status(redis: Redis, tenant: str, tier: Tier) -> list[PolicyStatu
     pipe.time()
     for policy in policies:
         pipe.get(keys.rate_policy(tenant, policy.name))
-    (seconds, micros), *tats = await pipe.execute()
+    (seconds, micros), *states = await pipe.execute()
     now = seconds * 1000 + micros / 1000
     statuses = []
-    for policy, raw in zip(policies, tats, strict=True):
-        backlog = max(0.0, float(raw) - now) if raw else 0.0  # ms of the burst in use
-        tolerance = policy.burst * policy.interval_ms
+    for policy, raw in zip(policies, states, strict=True):
+        in_use = 0.0  # units of the burst in use now ("<units>:<ms>", draining one per interval)
+        if raw:
+            units, at = raw.decode().split(":")
+            in_use = max(0.0, float(units) - (now - float(at)) / policy.interval_ms)
         statuses.append(
             PolicyStatus(
                 name=policy.name,
                 quota=policy.burst,
-                window_s=math.ceil(tolerance / 1000),
-                remaining=max(0, math.floor((tolerance - backlog) / policy.interval_ms)),
-                reset_s=math.ceil(backlog / 1000),
+                window_s=math.ceil(policy.burst * policy.interval_ms / 1000),
+                remaining=max(0, math.floor(policy.burst - in_use)),
+                reset_s=math.ceil(in_use * policy.interval_ms / 1000),
             )
         )
     return statuses

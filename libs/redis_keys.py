@@ -38,7 +38,7 @@ def usage(tenant: str) -> str:
 
 
 def rate_policy(tenant: str, policy: str) -> str:
-    """A GCRA policy's theoretical arrival time (ms, Redis clock), expiring when it is in the past."""
+    """A rate policy's state, `<units in use>:<ms, Redis clock>`, expiring once they have drained."""
     return f"{_tenant(tenant)}:gcra:{policy}"
 
 

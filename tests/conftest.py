@@ -49,7 +49,7 @@ def _tier(**fields: float) -> dict[str, float]:
 # Tiers the admission tests use, on top of the shipped free/pro/enterprise.
 TEST_TIERS: dict[str, dict[str, float]] = {
     "burst5": _tier(cu_burst=5, cu_per_second=0.01),
-    "burst100": _tier(cu_burst=100, cu_per_second=0.01),
+    "burst100": _tier(cu_burst=100, cu_per_second=1),
     "daily3": _tier(daily_cu_quota=3),
     "retry2s": _tier(cu_burst=1, cu_per_second=0.5),
     "qcap10": _tier(max_queued_cu=10),

@@ -125,7 +125,7 @@ Try it:
   curl -s -X POST http://127.0.0.1:{http_port}/v1/jobs -H "Authorization: Bearer $KILN_API_KEY" \\
        -H 'Content-Type: application/json' \\
        -d '{{"model": "tiny-sd", "textToImage": {{"prompt": "a red fox", "seed": "7"}}}}'
-  .venv/bin/kiln generate "a red fox" -o fox.png
+  .venv/bin/kiln generate "a red fox" -o fox.png --server 127.0.0.1:{grpc_port}
 
 Ctrl-C stops everything.
 """

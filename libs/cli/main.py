@@ -15,6 +15,7 @@ from libs.api_keys import ApiKeys
 from libs.cli.devstack import REDIS_URL_FILE, run_stack
 from libs.cli.generate import generate
 from libs.errors import KilnError
+from libs.settings import CommonSettings
 
 
 def _redis_url(given: str | None) -> str:
@@ -27,12 +28,30 @@ def _redis_url(given: str | None) -> str:
     return "redis://127.0.0.1:6379/0"
 
 
+def _key_id(given: str) -> str:
+    """The id part of `kiln_<id>_<secret>`, so a whole key works where an id is asked for."""
+    return given.split("_")[1] if given.startswith("kiln_") and given.count("_") >= 2 else given
+
+
+def _configured_tier(tier: str) -> str:
+    tiers = CommonSettings().tier_table()  # the same config the services read (KILN_CONFIG)
+    if tier not in tiers:
+        raise SystemExit(f"no tier {tier!r}: configured tiers are {', '.join(sorted(tiers))}")
+    return tier
+
+
 async def _keys(args: argparse.Namespace) -> None:
+    if args.keys_command in ("create", "set-tier"):
+        _configured_tier(args.tier)
+    if args.keys_command in ("revoke", "set-tier"):
+        args.key_id = _key_id(args.key_id)
     redis = Redis.from_url(_redis_url(args.redis_url))
     keys = ApiKeys(redis)
     try:
         if args.keys_command == "create":
-            print(await keys.create(args.tenant, args.tier))
+            key = await keys.create(args.tenant, args.tier)
+            print(key)
+            print(f"key id {_key_id(key)} (for set-tier and revoke)", file=sys.stderr)
         elif args.keys_command == "set-tier":
             if not await keys.set_tier(args.key_id, args.tier):
                 raise SystemExit(f"no key with id {args.key_id}")

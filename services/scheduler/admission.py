@@ -60,7 +60,7 @@ def refusal(tenant: str, terms: Terms, status: str, policy: str, retry_ms: int, 
         )
     reason = "TOO_MANY_IN_FLIGHT" if status == "IN_FLIGHT" else "RATE_LIMITED"
     return ResourceExhausted(
-        f"over the {terms.tier} tier's {policy} limit ({limit}); retry in {math.ceil(retry_s)} s",
+        f"over the {terms.tier} tier's {policy} limit (a burst of {limit}); retry in {math.ceil(retry_s)} s",
         reason=reason,
         metadata=metadata,
         retry_after_s=retry_s,

@@ -126,9 +126,11 @@ async def test_refusals_spend_nothing_and_a_bigger_tier_admits_at_once(stack: St
         redis = Redis.from_url(stack.redis_url)
         assert await ApiKeys(redis).set_tier(key_id, "burst100")
         await redis.aclose()
-        status, _, job = await _submit(http, stack, key)
+        status, headers, job = await _submit(http, stack, key)
     assert status == 200
     assert job["state"] == "STATE_QUEUED"
+    # The move kept what was spent (6 CU of the new burst of 100), rather than rescaling it.
+    assert headers["RateLimit"].startswith('"cu";r=94;')
 
 
 async def test_no_partial_spend_when_only_the_daily_policy_refuses(stack: Stack) -> None:

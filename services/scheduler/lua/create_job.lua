@@ -30,27 +30,33 @@ local queued = tonumber(redis.call("HGET", KEYS[5], "queued_cu") or "0")
 if queued + cost > tonumber(ARGV[6]) then
   return {"QUEUE_FULL", "queued_cu", "1000", ARGV[6]}
 end
--- GCRA: a policy's state is its theoretical arrival time (TAT); a charge of u units moves it
--- u * interval later, and is allowed while TAT - now stays within burst * interval.
+-- GCRA, kept as "<units in use>:<ms>": the units drain at one per interval, and a charge of u is
+-- allowed while in-use + u stays within the burst. Stored in units, not as a theoretical arrival
+-- time, so a key moved to another tier keeps what it spent rather than having it rescaled.
 local n = tonumber(ARGV[7])
-local tats = {}
+local used = {}
 local base = 8 + 4 * n
 local worst = nil  -- the refusing policy that needs the longest wait: after it, all of them pass
 for i = 1, n do
   local a = 8 + 4 * (i - 1)
   local interval, burst, units = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-  local tat = math.max(tonumber(redis.call("GET", KEYS[5 + i]) or "0"), now)
-  local new_tat = tat + units * interval
-  local excess = new_tat - now - burst * interval
+  local in_use = 0
+  local state = redis.call("GET", KEYS[5 + i])
+  if state then
+    local u, at = string.match(state, "^(%S+):(%S+)$")
+    in_use = math.max(0, tonumber(u) - (now - tonumber(at)) / interval)
+  end
+  local excess = (in_use + units - burst) * interval  -- ms until the charge fits
   if excess > 0 and (not worst or excess > worst[2]) then worst = {a, excess} end
-  tats[i] = new_tat
+  used[i] = {in_use + units, interval}
 end
 if worst then
   return {"LIMITED", ARGV[worst[1]], tostring(math.ceil(worst[2])), ARGV[worst[1] + 2]}
 end
 if dry then return {"ADMISSIBLE", ""} end
 for i = 1, n do
-  redis.call("SET", KEYS[5 + i], string.format("%.3f", tats[i]), "PX", math.max(1, math.ceil(tats[i] - now)))
+  local units, interval = used[i][1], used[i][2]
+  redis.call("SET", KEYS[5 + i], string.format("%.6f:%.3f", units, now), "PX", math.max(1, math.ceil(units * interval)))
 end
 redis.call("HINCRBY", KEYS[5], "in_flight", 1)
 redis.call("HINCRBY", KEYS[5], "queued_cu", cost)
