@@ -12,7 +12,6 @@ import logging
 from redis.exceptions import RedisError
 
 from libs.jobs import JobError, State
-from services.scheduler import records
 from services.scheduler.queues import Queues
 from services.scheduler.store import JobStore
 
@@ -37,14 +36,7 @@ class QueueExpiry:
                 "QUEUE_TIMEOUT",
                 {"queue_timeout_ms": str(record.queue_timeout_ms)},
             )
-            await self._store.transition(
-                tenant,
-                job_id,
-                allowed=State.QUEUED.value,
-                new_state=State.FAILED,
-                stamp="end_ms",
-                fields={"error": records.error_field(error)},
-            )
+            await self._store.end_queued(tenant, job_id, State.FAILED, error)
         return len(expired)
 
     async def run_forever(self) -> None:

@@ -206,17 +206,21 @@ class JobStore:
         status, detail = (v.decode() for v in result)
         return Outcome(status, detail)
 
-    async def cancel(self, tenant: str, job_id: str) -> tuple[JobRecord, bool]:
-        """Cancels a queued job outright; flags a running one. Returns (job, was_running)."""
-        cancelled = JobError("CANCELLED", "cancelled by the client", "CANCELLED")
-        outcome = await self.transition(
+    async def end_queued(self, tenant: str, job_id: str, state: State, error: JobError) -> Outcome:
+        """Ends a job that never ran (cancelled or expired while queued)."""
+        return await self.transition(
             tenant,
             job_id,
             allowed=State.QUEUED.value,
-            new_state=State.CANCELLED,
+            new_state=state,
             stamp="end_ms",
-            fields={"error": records.error_field(cancelled)},
+            fields={"error": records.error_field(error)},
         )
+
+    async def cancel(self, tenant: str, job_id: str) -> tuple[JobRecord, bool]:
+        """Cancels a queued job outright; flags a running one. Returns (job, was_running)."""
+        cancelled = JobError("CANCELLED", "cancelled by the client", "CANCELLED")
+        outcome = await self.end_queued(tenant, job_id, State.CANCELLED, cancelled)
         running = False
         if not outcome.ok and outcome.detail == State.RUNNING.value:
             outcome = await self.transition(

@@ -56,6 +56,16 @@ async def _next(queues: Queues, model: str) -> tuple[str, str]:
     return claim.tenant, claim.job_id
 
 
+async def _free_job_behind_paid_backlogs(q: Queues, model: str) -> str:
+    """Pro and enterprise backlogs, dispatch under way, then one free job; returns its id."""
+    await _add(q, model, "pro", "p", count=500)
+    await _add(q, model, "enterprise", "e", count=500)
+    for _ in range(50):
+        await _next(q, model)
+    [free_job] = await _add(q, model, "free", "f")
+    return free_job
+
+
 async def test_a_pro_job_goes_before_a_hundred_queued_free_jobs(queues: tuple[Queues, str]) -> None:
     q, model = queues
     await _add(q, model, "free", "free-tenant", count=100)
@@ -99,11 +109,7 @@ async def test_a_free_job_behind_an_endless_paid_backlog_starts_within_the_bound
 ) -> None:
     """The bound: a free job of c CU waits behind at most (4 + 16) x c CU of paid work, plus one job."""
     q, model = queues
-    await _add(q, model, "pro", "p", count=500)
-    await _add(q, model, "enterprise", "e", count=500)
-    for _ in range(50):
-        await _next(q, model)
-    [free_job] = await _add(q, model, "free", "f")
+    free_job = await _free_job_behind_paid_backlogs(q, model)
     order = [await _next(q, model) for _ in range(21)]
     assert ("f", free_job) in order
 
@@ -111,11 +117,7 @@ async def test_a_free_job_behind_an_endless_paid_backlog_starts_within_the_bound
 async def test_new_arrivals_in_a_tier_do_not_push_back_its_waiting_job(queues: tuple[Queues, str]) -> None:
     """Other free tenants keep arriving; the free tier's waiting job still starts within the bound."""
     q, model = queues
-    await _add(q, model, "pro", "p", count=500)
-    await _add(q, model, "enterprise", "e", count=500)
-    for _ in range(50):
-        await _next(q, model)
-    [free_job] = await _add(q, model, "free", "f")
+    free_job = await _free_job_behind_paid_backlogs(q, model)
     order = []
     for claim in range(21):
         if claim % 5 == 0:
