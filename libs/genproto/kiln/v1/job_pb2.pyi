@@ -74,6 +74,7 @@ class Job(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     QUEUE_TIMEOUT_FIELD_NUMBER: _builtins.int
     COST_UNITS_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name, `jobs/{job}`."""
     model: _builtins.str
@@ -105,6 +106,12 @@ class Job(_message.Message):
         by default, the tier's longest wait.
         """
 
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Attempt]:
+        """Every time a worker was handed the job, oldest first: where it ran, the route it took and how
+        that attempt ended.
+        """
+
     def __init__(
         self,
         *,
@@ -121,16 +128,117 @@ class Job(_message.Message):
         attempt: _builtins.int = ...,
         queue_timeout: _duration_pb2.Duration | None = ...,
         cost_units: _builtins.int = ...,
+        attempts: _abc.Iterable[Global___Attempt] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "input", b"input", "progress", b"progress", "queue_timeout", b"queue_timeout", "start_time", b"start_time", "text_to_image", b"text_to_image"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "attempt", b"attempt", "cost_units", b"cost_units", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "input", b"input", "model", b"model", "name", b"name", "progress", b"progress", "queue_timeout", b"queue_timeout", "start_time", b"start_time", "state", b"state", "text_to_image", b"text_to_image"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "attempt", b"attempt", "attempts", b"attempts", "cost_units", b"cost_units", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "input", b"input", "model", b"model", "name", b"name", "progress", b"progress", "queue_timeout", b"queue_timeout", "start_time", b"start_time", "state", b"state", "text_to_image", b"text_to_image"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["text_to_image"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class Attempt(_message.Message):
+    """One hand-over of a job to a worker."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Route:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _RouteEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Attempt._Route.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        ROUTE_UNSPECIFIED: Attempt._Route.ValueType  # 0
+        ROUTE_STANDARD: Attempt._Route.ValueType  # 1
+        """The model as loaded."""
+        ROUTE_MEMORY_SAVERS: Attempt._Route.ValueType  # 2
+        """Attention slicing and VAE tiling on, after running out of GPU memory."""
+        ROUTE_LARGER_GPU: Attempt._Route.ValueType  # 3
+        """Memory savers on, and only on a worker with more free GPU memory than the one that ran out."""
+        ROUTE_FULL_PRECISION: Attempt._Route.ValueType  # 4
+        """Full (32-bit) precision, after an invalid output (NaN latents or an all-black image)."""
+
+    class Route(_Route, metaclass=_RouteEnumTypeWrapper):
+        """How the worker was asked to run it. Retries after a GPU failure take a fallback route."""
+
+    ROUTE_UNSPECIFIED: Attempt.Route.ValueType  # 0
+    ROUTE_STANDARD: Attempt.Route.ValueType  # 1
+    """The model as loaded."""
+    ROUTE_MEMORY_SAVERS: Attempt.Route.ValueType  # 2
+    """Attention slicing and VAE tiling on, after running out of GPU memory."""
+    ROUTE_LARGER_GPU: Attempt.Route.ValueType  # 3
+    """Memory savers on, and only on a worker with more free GPU memory than the one that ran out."""
+    ROUTE_FULL_PRECISION: Attempt.Route.ValueType  # 4
+    """Full (32-bit) precision, after an invalid output (NaN latents or an all-black image)."""
+
+    class _Outcome:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _OutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Attempt._Outcome.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        OUTCOME_UNSPECIFIED: Attempt._Outcome.ValueType  # 0
+        OUTCOME_RUNNING: Attempt._Outcome.ValueType  # 1
+        """Still running."""
+        OUTCOME_SUCCEEDED: Attempt._Outcome.ValueType  # 2
+        OUTCOME_FAILED: Attempt._Outcome.ValueType  # 3
+        """Failed; see `error`. A later attempt means it was retried."""
+        OUTCOME_CANCELLED: Attempt._Outcome.ValueType  # 4
+        OUTCOME_RELEASED: Attempt._Outcome.ValueType  # 5
+        """Handed back without a failure of its own (its worker drained or a scheduler restarted)."""
+
+    class Outcome(_Outcome, metaclass=_OutcomeEnumTypeWrapper): ...
+    OUTCOME_UNSPECIFIED: Attempt.Outcome.ValueType  # 0
+    OUTCOME_RUNNING: Attempt.Outcome.ValueType  # 1
+    """Still running."""
+    OUTCOME_SUCCEEDED: Attempt.Outcome.ValueType  # 2
+    OUTCOME_FAILED: Attempt.Outcome.ValueType  # 3
+    """Failed; see `error`. A later attempt means it was retried."""
+    OUTCOME_CANCELLED: Attempt.Outcome.ValueType  # 4
+    OUTCOME_RELEASED: Attempt.Outcome.ValueType  # 5
+    """Handed back without a failure of its own (its worker drained or a scheduler restarted)."""
+
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
+    ROUTE_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
+    """1 for the first hand-over; the job's `attempt` is the latest."""
+    worker: _builtins.str
+    """The worker it was handed to."""
+    route: Global___Attempt.Route.ValueType
+    outcome: Global___Attempt.Outcome.ValueType
+    @_builtins.property
+    def error(self) -> _status_pb2.Status: ...
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        attempt: _builtins.int = ...,
+        worker: _builtins.str = ...,
+        route: Global___Attempt.Route.ValueType = ...,
+        outcome: Global___Attempt.Outcome.ValueType = ...,
+        error: _status_pb2.Status | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error", b"error", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "end_time", b"end_time", "error", b"error", "outcome", b"outcome", "route", b"route", "start_time", b"start_time", "worker", b"worker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Attempt: _TypeAlias = Attempt  # noqa: Y015
 
 @_typing.final
 class TextToImage(_message.Message):

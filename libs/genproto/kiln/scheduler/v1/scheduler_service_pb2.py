@@ -26,7 +26,7 @@ from kiln.v1 import job_pb2 as kiln_dot_v1_dot_job__pb2
 from kiln.v1 import job_service_pb2 as kiln_dot_v1_dot_job__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)kiln/scheduler/v1/scheduler_service.proto\x12\x11kiln.scheduler.v1\x1a\x11kiln/v1/job.proto\x1a\x19kiln/v1/job_service.proto\"\x91\x01\n\x10SubmitJobRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x19\n\x03job\x18\x02 \x01(\x0b\x32\x0c.kiln.v1.Job\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x13\n\x0btraceparent\x18\x04 \x01(\t\x12\x1b\n\x13request_fingerprint\x18\x05 \x01(\t\x12\x0c\n\x04tier\x18\x06 \x01(\t\".\n\x11SubmitJobResponse\x12\x19\n\x03job\x18\x01 \x01(\x0b\x32\x0c.kiln.v1.Job\"M\n\x12\x45stimateJobRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x19\n\x03job\x18\x03 \x01(\x0b\x32\x0c.kiln.v1.Job\"E\n\x13\x45stimateJobResponse\x12.\n\x08\x65stimate\x18\x01 \x01(\x0b\x32\x1c.kiln.v1.EstimateJobResponse\"-\n\rGetJobRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"+\n\x0eGetJobResponse\x12\x19\n\x03job\x18\x01 \x01(\x0b\x32\x0c.kiln.v1.Job\"H\n\x0fListJobsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"G\n\x10ListJobsResponse\x12\x1a\n\x04jobs\x18\x01 \x03(\x0b\x32\x0c.kiln.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\".\n\x11\x43\x61ncelJobResponse\x12\x19\n\x03job\x18\x01 \x01(\x0b\x32\x0c.kiln.v1.Job\"G\n\x0fWatchJobRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x03 \x01(\t\"?\n\x10WatchJobResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x19\n\x03job\x18\x02 \x01(\x0b\x32\x0c.kiln.v1.Job\"3\n\x13ReadArtifactRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"K\n\x14ReadArtifactResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x32\xfe\x04\n\x10SchedulerService\x12V\n\tSubmitJob\x12#.kiln.scheduler.v1.SubmitJobRequest\x1a$.kiln.scheduler.v1.SubmitJobResponse\x12\\\n\x0b\x45stimateJob\x12%.kiln.scheduler.v1.EstimateJobRequest\x1a&.kiln.scheduler.v1.EstimateJobResponse\x12M\n\x06GetJob\x12 .kiln.scheduler.v1.GetJobRequest\x1a!.kiln.scheduler.v1.GetJobResponse\x12S\n\x08ListJobs\x12\".kiln.scheduler.v1.ListJobsRequest\x1a#.kiln.scheduler.v1.ListJobsResponse\x12V\n\tCancelJob\x12#.kiln.scheduler.v1.CancelJobRequest\x1a$.kiln.scheduler.v1.CancelJobResponse\x12U\n\x08WatchJob\x12\".kiln.scheduler.v1.WatchJobRequest\x1a#.kiln.scheduler.v1.WatchJobResponse0\x01\x12\x61\n\x0cReadArtifact\x12&.kiln.scheduler.v1.ReadArtifactRequest\x1a\'.kiln.scheduler.v1.ReadArtifactResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)kiln/scheduler/v1/scheduler_service.proto\x12\x11kiln.scheduler.v1\x1a\x11kiln/v1/job.proto\x1a\x19kiln/v1/job_service.proto\"\xa5\x01\n\x10SubmitJobRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x19\n\x03job\x18\x02 \x01(\x0b\x32\x0c.kiln.v1.Job\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x13\n\x0btraceparent\x18\x04 \x01(\t\x12\x1b\n\x13request_fingerprint\x18\x05 \x01(\t\x12\x0c\n\x04tier\x18\x06 \x01(\t\x12\x12\n\napi_key_id\x18\x07 \x01(\t\"@\n\x11SubmitJobResponse\x12\x19\n\x03job\x18\x01 \x01(\x0b\x32\x0c.kiln.v1.Job\x12\x10\n\x08replayed\x18\x02 \x01(\x08\"M\n\x12\x45stimateJobRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04tier\x18\x02 \x01(\t\x12\x19\n\x03job\x18\x03 \x01(\x0b\x32\x0c.kiln.v1.Job\"E\n\x13\x45stimateJobResponse\x12.\n\x08\x65stimate\x18\x01 \x01(\x0b\x32\x1c.kiln.v1.EstimateJobResponse\"-\n\rGetJobRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"+\n\x0eGetJobResponse\x12\x19\n\x03job\x18\x01 \x01(\x0b\x32\x0c.kiln.v1.Job\"H\n\x0fListJobsRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"G\n\x10ListJobsResponse\x12\x1a\n\x04jobs\x18\x01 \x03(\x0b\x32\x0c.kiln.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\".\n\x11\x43\x61ncelJobResponse\x12\x19\n\x03job\x18\x01 \x01(\x0b\x32\x0c.kiln.v1.Job\"G\n\x0fWatchJobRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x03 \x01(\t\"?\n\x10WatchJobResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x19\n\x03job\x18\x02 \x01(\x0b\x32\x0c.kiln.v1.Job\"3\n\x13ReadArtifactRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\"K\n\x14ReadArtifactResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x32\xfe\x04\n\x10SchedulerService\x12V\n\tSubmitJob\x12#.kiln.scheduler.v1.SubmitJobRequest\x1a$.kiln.scheduler.v1.SubmitJobResponse\x12\\\n\x0b\x45stimateJob\x12%.kiln.scheduler.v1.EstimateJobRequest\x1a&.kiln.scheduler.v1.EstimateJobResponse\x12M\n\x06GetJob\x12 .kiln.scheduler.v1.GetJobRequest\x1a!.kiln.scheduler.v1.GetJobResponse\x12S\n\x08ListJobs\x12\".kiln.scheduler.v1.ListJobsRequest\x1a#.kiln.scheduler.v1.ListJobsResponse\x12V\n\tCancelJob\x12#.kiln.scheduler.v1.CancelJobRequest\x1a$.kiln.scheduler.v1.CancelJobResponse\x12U\n\x08WatchJob\x12\".kiln.scheduler.v1.WatchJobRequest\x1a#.kiln.scheduler.v1.WatchJobResponse0\x01\x12\x61\n\x0cReadArtifact\x12&.kiln.scheduler.v1.ReadArtifactRequest\x1a\'.kiln.scheduler.v1.ReadArtifactResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,33 +34,33 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kiln.scheduler.v1.scheduler
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SUBMITJOBREQUEST']._serialized_start=111
-  _globals['_SUBMITJOBREQUEST']._serialized_end=256
-  _globals['_SUBMITJOBRESPONSE']._serialized_start=258
-  _globals['_SUBMITJOBRESPONSE']._serialized_end=304
-  _globals['_ESTIMATEJOBREQUEST']._serialized_start=306
-  _globals['_ESTIMATEJOBREQUEST']._serialized_end=383
-  _globals['_ESTIMATEJOBRESPONSE']._serialized_start=385
-  _globals['_ESTIMATEJOBRESPONSE']._serialized_end=454
-  _globals['_GETJOBREQUEST']._serialized_start=456
-  _globals['_GETJOBREQUEST']._serialized_end=501
-  _globals['_GETJOBRESPONSE']._serialized_start=503
-  _globals['_GETJOBRESPONSE']._serialized_end=546
-  _globals['_LISTJOBSREQUEST']._serialized_start=548
-  _globals['_LISTJOBSREQUEST']._serialized_end=620
-  _globals['_LISTJOBSRESPONSE']._serialized_start=622
-  _globals['_LISTJOBSRESPONSE']._serialized_end=693
-  _globals['_CANCELJOBREQUEST']._serialized_start=695
-  _globals['_CANCELJOBREQUEST']._serialized_end=743
-  _globals['_CANCELJOBRESPONSE']._serialized_start=745
-  _globals['_CANCELJOBRESPONSE']._serialized_end=791
-  _globals['_WATCHJOBREQUEST']._serialized_start=793
-  _globals['_WATCHJOBREQUEST']._serialized_end=864
-  _globals['_WATCHJOBRESPONSE']._serialized_start=866
-  _globals['_WATCHJOBRESPONSE']._serialized_end=929
-  _globals['_READARTIFACTREQUEST']._serialized_start=931
-  _globals['_READARTIFACTREQUEST']._serialized_end=982
-  _globals['_READARTIFACTRESPONSE']._serialized_start=984
-  _globals['_READARTIFACTRESPONSE']._serialized_end=1059
-  _globals['_SCHEDULERSERVICE']._serialized_start=1062
-  _globals['_SCHEDULERSERVICE']._serialized_end=1700
+  _globals['_SUBMITJOBREQUEST']._serialized_end=276
+  _globals['_SUBMITJOBRESPONSE']._serialized_start=278
+  _globals['_SUBMITJOBRESPONSE']._serialized_end=342
+  _globals['_ESTIMATEJOBREQUEST']._serialized_start=344
+  _globals['_ESTIMATEJOBREQUEST']._serialized_end=421
+  _globals['_ESTIMATEJOBRESPONSE']._serialized_start=423
+  _globals['_ESTIMATEJOBRESPONSE']._serialized_end=492
+  _globals['_GETJOBREQUEST']._serialized_start=494
+  _globals['_GETJOBREQUEST']._serialized_end=539
+  _globals['_GETJOBRESPONSE']._serialized_start=541
+  _globals['_GETJOBRESPONSE']._serialized_end=584
+  _globals['_LISTJOBSREQUEST']._serialized_start=586
+  _globals['_LISTJOBSREQUEST']._serialized_end=658
+  _globals['_LISTJOBSRESPONSE']._serialized_start=660
+  _globals['_LISTJOBSRESPONSE']._serialized_end=731
+  _globals['_CANCELJOBREQUEST']._serialized_start=733
+  _globals['_CANCELJOBREQUEST']._serialized_end=781
+  _globals['_CANCELJOBRESPONSE']._serialized_start=783
+  _globals['_CANCELJOBRESPONSE']._serialized_end=829
+  _globals['_WATCHJOBREQUEST']._serialized_start=831
+  _globals['_WATCHJOBREQUEST']._serialized_end=902
+  _globals['_WATCHJOBRESPONSE']._serialized_start=904
+  _globals['_WATCHJOBRESPONSE']._serialized_end=967
+  _globals['_READARTIFACTREQUEST']._serialized_start=969
+  _globals['_READARTIFACTREQUEST']._serialized_end=1020
+  _globals['_READARTIFACTRESPONSE']._serialized_start=1022
+  _globals['_READARTIFACTRESPONSE']._serialized_end=1097
+  _globals['_SCHEDULERSERVICE']._serialized_start=1100
+  _globals['_SCHEDULERSERVICE']._serialized_end=1738
 # @@protoc_insertion_point(module_scope)

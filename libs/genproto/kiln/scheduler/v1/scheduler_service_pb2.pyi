@@ -30,6 +30,7 @@ class SubmitJobRequest(_message.Message):
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     REQUEST_FINGERPRINT_FIELD_NUMBER: _builtins.int
     TIER_FIELD_NUMBER: _builtins.int
+    API_KEY_ID_FIELD_NUMBER: _builtins.int
     tenant: _builtins.str
     request_id: _builtins.str
     traceparent: _builtins.str
@@ -40,6 +41,8 @@ class SubmitJobRequest(_message.Message):
     """
     tier: _builtins.str
     """The caller's subscription tier, from its API key: the limits the job is admitted under."""
+    api_key_id: _builtins.str
+    """The API key that sent it: request ids are scoped to the key."""
     @_builtins.property
     def job(self) -> _job_pb2.Job:
         """Fully resolved: every optional input field is set."""
@@ -53,10 +56,11 @@ class SubmitJobRequest(_message.Message):
         traceparent: _builtins.str = ...,
         request_fingerprint: _builtins.str = ...,
         tier: _builtins.str = ...,
+        api_key_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "request_fingerprint", b"request_fingerprint", "request_id", b"request_id", "tenant", b"tenant", "tier", b"tier", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "job", b"job", "request_fingerprint", b"request_fingerprint", "request_id", b"request_id", "tenant", b"tenant", "tier", b"tier", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -67,16 +71,20 @@ class SubmitJobResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """True when request_id named a job created earlier: that job, not charged again."""
     @_builtins.property
     def job(self) -> _job_pb2.Job: ...
     def __init__(
         self,
         *,
         job: _job_pb2.Job | None = ...,
+        replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "replayed", b"replayed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

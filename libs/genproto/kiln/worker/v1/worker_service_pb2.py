@@ -22,44 +22,55 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from kiln.v1 import job_pb2 as kiln_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#kiln/worker/v1/worker_service.proto\x12\x0ekiln.worker.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x11kiln/v1/job.proto\"\xe8\x02\n\x0e\x43onnectRequest\x12,\n\x08register\x18\x01 \x01(\x0b\x32\x18.kiln.worker.v1.RegisterH\x00\x12.\n\theartbeat\x18\x02 \x01(\x0b\x32\x19.kiln.worker.v1.HeartbeatH\x00\x12/\n\x08progress\x18\x03 \x01(\x0b\x32\x1b.kiln.worker.v1.JobProgressH\x00\x12,\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x1b.kiln.worker.v1.ResultChunkH\x00\x12\x31\n\tcompleted\x18\x05 \x01(\x0b\x32\x1c.kiln.worker.v1.JobCompletedH\x00\x12+\n\x06\x66\x61iled\x18\x06 \x01(\x0b\x32\x19.kiln.worker.v1.JobFailedH\x00\x12\x31\n\tcancelled\x18\x07 \x01(\x0b\x32\x1c.kiln.worker.v1.JobCancelledH\x00\x42\x06\n\x04kind\"\xb1\x01\n\x0f\x43onnectResponse\x12\x30\n\nregistered\x18\x01 \x01(\x0b\x32\x1a.kiln.worker.v1.RegisteredH\x00\x12\x30\n\nassignment\x18\x02 \x01(\x0b\x32\x1a.kiln.worker.v1.AssignmentH\x00\x12\x32\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32 .kiln.worker.v1.CancelAssignmentH\x00\x42\x06\n\x04kind\"L\n\x08Register\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06models\x18\x02 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05slots\x18\x04 \x01(\x05\"+\n\nRegistered\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\x05\"\x0b\n\tHeartbeat\"\xb5\x01\n\nAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12+\n\rtext_to_image\x18\x04 \x01(\x0b\x32\x14.kiln.v1.TextToImage\x12\x35\n\x11lease_expire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btraceparent\x18\x06 \x01(\t\"3\n\x10\x43\x61ncelAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"Q\n\x0bJobProgress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x05\"K\n\x0bResultChunk\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\r\n\x05index\x18\x03 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"Z\n\x0cJobCompleted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12)\n\x06images\x18\x03 \x03(\x0b\x32\x19.kiln.worker.v1.ImageInfo\"~\n\tImageInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\r\n\x05width\x18\x06 \x01(\x05\x12\x0e\n\x06height\x18\x07 \x01(\x05\"O\n\tJobFailed\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\"=\n\x0cJobCancelled\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x05\x32_\n\rWorkerService\x12N\n\x07\x43onnect\x12\x1e.kiln.worker.v1.ConnectRequest\x1a\x1f.kiln.worker.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#kiln/worker/v1/worker_service.proto\x12\x0ekiln.worker.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x11kiln/v1/job.proto\"\xc7\x03\n\x0e\x43onnectRequest\x12,\n\x08register\x18\x01 \x01(\x0b\x32\x18.kiln.worker.v1.RegisterH\x00\x12.\n\theartbeat\x18\x02 \x01(\x0b\x32\x19.kiln.worker.v1.HeartbeatH\x00\x12/\n\x08progress\x18\x03 \x01(\x0b\x32\x1b.kiln.worker.v1.JobProgressH\x00\x12,\n\x05\x63hunk\x18\x04 \x01(\x0b\x32\x1b.kiln.worker.v1.ResultChunkH\x00\x12\x31\n\tcompleted\x18\x05 \x01(\x0b\x32\x1c.kiln.worker.v1.JobCompletedH\x00\x12+\n\x06\x66\x61iled\x18\x06 \x01(\x0b\x32\x19.kiln.worker.v1.JobFailedH\x00\x12\x31\n\tcancelled\x18\x07 \x01(\x0b\x32\x1c.kiln.worker.v1.JobCancelledH\x00\x12,\n\x08\x64raining\x18\x08 \x01(\x0b\x32\x18.kiln.worker.v1.DrainingH\x00\x12/\n\x08released\x18\t \x01(\x0b\x32\x1b.kiln.worker.v1.JobReleasedH\x00\x42\x06\n\x04kind\"\xb1\x01\n\x0f\x43onnectResponse\x12\x30\n\nregistered\x18\x01 \x01(\x0b\x32\x1a.kiln.worker.v1.RegisteredH\x00\x12\x30\n\nassignment\x18\x02 \x01(\x0b\x32\x1a.kiln.worker.v1.AssignmentH\x00\x12\x32\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32 .kiln.worker.v1.CancelAssignmentH\x00\x42\x06\n\x04kind\"\xc6\x01\n\x08Register\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06models\x18\x02 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05slots\x18\x04 \x01(\x05\x12\x10\n\x08prefetch\x18\x05 \x01(\x05\x12\x33\n\rfailed_models\x18\x06 \x03(\x0b\x32\x1c.kiln.worker.v1.ModelFailure\x12\x18\n\x10vram_total_bytes\x18\x07 \x01(\x03\x12\x17\n\x0fvram_free_bytes\x18\x08 \x01(\x03\".\n\x0cModelFailure\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\")\n\x06JobRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"+\n\nRegistered\x12\x1d\n\x15heartbeat_interval_ms\x18\x01 \x01(\x05\"\x8f\x01\n\tHeartbeat\x12$\n\x04jobs\x18\x01 \x03(\x0b\x32\x16.kiln.worker.v1.JobRef\x12\x17\n\x0fvram_free_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x33\n\rfailed_models\x18\x04 \x03(\x0b\x32\x1c.kiln.worker.v1.ModelFailure\"\n\n\x08\x44raining\".\n\x0bJobReleased\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"\x98\x02\n\nAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\r\n\x05model\x18\x03 \x01(\t\x12+\n\rtext_to_image\x18\x04 \x01(\x0b\x32\x14.kiln.v1.TextToImage\x12\x35\n\x11lease_expire_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btraceparent\x18\x06 \x01(\t\x12+\n\x07options\x18\x07 \x01(\x0b\x32\x1a.kiln.worker.v1.RunOptions\x12\x34\n\x11\x65xecution_timeout\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\";\n\nRunOptions\x12\x15\n\rmemory_savers\x18\x01 \x01(\x08\x12\x16\n\x0e\x66ull_precision\x18\x02 \x01(\x08\"3\n\x10\x43\x61ncelAssignment\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"Q\n\x0bJobProgress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x05\"K\n\x0bResultChunk\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\r\n\x05index\x18\x03 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"Z\n\x0cJobCompleted\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12)\n\x06images\x18\x03 \x03(\x0b\x32\x19.kiln.worker.v1.ImageInfo\"~\n\tImageInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\r\n\x05width\x18\x06 \x01(\x05\x12\x0e\n\x06height\x18\x07 \x01(\x05\"O\n\tJobFailed\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12!\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\"=\n\x0cJobCancelled\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x05\x32_\n\rWorkerService\x12N\n\x07\x43onnect\x12\x1e.kiln.worker.v1.ConnectRequest\x1a\x1f.kiln.worker.v1.ConnectResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kiln.worker.v1.worker_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONNECTREQUEST']._serialized_start=133
-  _globals['_CONNECTREQUEST']._serialized_end=493
-  _globals['_CONNECTRESPONSE']._serialized_start=496
-  _globals['_CONNECTRESPONSE']._serialized_end=673
-  _globals['_REGISTER']._serialized_start=675
-  _globals['_REGISTER']._serialized_end=751
-  _globals['_REGISTERED']._serialized_start=753
-  _globals['_REGISTERED']._serialized_end=796
-  _globals['_HEARTBEAT']._serialized_start=798
-  _globals['_HEARTBEAT']._serialized_end=809
-  _globals['_ASSIGNMENT']._serialized_start=812
-  _globals['_ASSIGNMENT']._serialized_end=993
-  _globals['_CANCELASSIGNMENT']._serialized_start=995
-  _globals['_CANCELASSIGNMENT']._serialized_end=1046
-  _globals['_JOBPROGRESS']._serialized_start=1048
-  _globals['_JOBPROGRESS']._serialized_end=1129
-  _globals['_RESULTCHUNK']._serialized_start=1131
-  _globals['_RESULTCHUNK']._serialized_end=1206
-  _globals['_JOBCOMPLETED']._serialized_start=1208
-  _globals['_JOBCOMPLETED']._serialized_end=1298
-  _globals['_IMAGEINFO']._serialized_start=1300
-  _globals['_IMAGEINFO']._serialized_end=1426
-  _globals['_JOBFAILED']._serialized_start=1428
-  _globals['_JOBFAILED']._serialized_end=1507
-  _globals['_JOBCANCELLED']._serialized_start=1509
-  _globals['_JOBCANCELLED']._serialized_end=1570
-  _globals['_WORKERSERVICE']._serialized_start=1572
-  _globals['_WORKERSERVICE']._serialized_end=1667
+  _globals['_CONNECTREQUEST']._serialized_start=165
+  _globals['_CONNECTREQUEST']._serialized_end=620
+  _globals['_CONNECTRESPONSE']._serialized_start=623
+  _globals['_CONNECTRESPONSE']._serialized_end=800
+  _globals['_REGISTER']._serialized_start=803
+  _globals['_REGISTER']._serialized_end=1001
+  _globals['_MODELFAILURE']._serialized_start=1003
+  _globals['_MODELFAILURE']._serialized_end=1049
+  _globals['_JOBREF']._serialized_start=1051
+  _globals['_JOBREF']._serialized_end=1092
+  _globals['_REGISTERED']._serialized_start=1094
+  _globals['_REGISTERED']._serialized_end=1137
+  _globals['_HEARTBEAT']._serialized_start=1140
+  _globals['_HEARTBEAT']._serialized_end=1283
+  _globals['_DRAINING']._serialized_start=1285
+  _globals['_DRAINING']._serialized_end=1295
+  _globals['_JOBRELEASED']._serialized_start=1297
+  _globals['_JOBRELEASED']._serialized_end=1343
+  _globals['_ASSIGNMENT']._serialized_start=1346
+  _globals['_ASSIGNMENT']._serialized_end=1626
+  _globals['_RUNOPTIONS']._serialized_start=1628
+  _globals['_RUNOPTIONS']._serialized_end=1687
+  _globals['_CANCELASSIGNMENT']._serialized_start=1689
+  _globals['_CANCELASSIGNMENT']._serialized_end=1740
+  _globals['_JOBPROGRESS']._serialized_start=1742
+  _globals['_JOBPROGRESS']._serialized_end=1823
+  _globals['_RESULTCHUNK']._serialized_start=1825
+  _globals['_RESULTCHUNK']._serialized_end=1900
+  _globals['_JOBCOMPLETED']._serialized_start=1902
+  _globals['_JOBCOMPLETED']._serialized_end=1992
+  _globals['_IMAGEINFO']._serialized_start=1994
+  _globals['_IMAGEINFO']._serialized_end=2120
+  _globals['_JOBFAILED']._serialized_start=2122
+  _globals['_JOBFAILED']._serialized_end=2201
+  _globals['_JOBCANCELLED']._serialized_start=2203
+  _globals['_JOBCANCELLED']._serialized_end=2264
+  _globals['_WORKERSERVICE']._serialized_start=2266
+  _globals['_WORKERSERVICE']._serialized_end=2361
 # @@protoc_insertion_point(module_scope)

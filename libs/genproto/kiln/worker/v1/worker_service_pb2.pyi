@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -34,6 +35,8 @@ class ConnectRequest(_message.Message):
     COMPLETED_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
     CANCELLED_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
+    RELEASED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def register(self) -> Global___Register: ...
     @_builtins.property
@@ -48,6 +51,10 @@ class ConnectRequest(_message.Message):
     def failed(self) -> Global___JobFailed: ...
     @_builtins.property
     def cancelled(self) -> Global___JobCancelled: ...
+    @_builtins.property
+    def draining(self) -> Global___Draining: ...
+    @_builtins.property
+    def released(self) -> Global___JobReleased: ...
     def __init__(
         self,
         *,
@@ -58,12 +65,14 @@ class ConnectRequest(_message.Message):
         completed: Global___JobCompleted | None = ...,
         failed: Global___JobFailed | None = ...,
         cancelled: Global___JobCancelled | None = ...,
+        draining: Global___Draining | None = ...,
+        released: Global___JobReleased | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "chunk", b"chunk", "completed", b"completed", "failed", b"failed", "heartbeat", b"heartbeat", "kind", b"kind", "progress", b"progress", "register", b"register"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "chunk", b"chunk", "completed", b"completed", "draining", b"draining", "failed", b"failed", "heartbeat", b"heartbeat", "kind", b"kind", "progress", b"progress", "register", b"register", "released", b"released"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "chunk", b"chunk", "completed", b"completed", "failed", b"failed", "heartbeat", b"heartbeat", "kind", b"kind", "progress", b"progress", "register", b"register"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled", b"cancelled", "chunk", b"chunk", "completed", b"completed", "draining", b"draining", "failed", b"failed", "heartbeat", b"heartbeat", "kind", b"kind", "progress", b"progress", "register", b"register", "released", b"released"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["register", "heartbeat", "progress", "chunk", "completed", "failed", "cancelled"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["register", "heartbeat", "progress", "chunk", "completed", "failed", "cancelled", "draining", "released"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -111,14 +120,27 @@ class Register(_message.Message):
     MODELS_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     SLOTS_FIELD_NUMBER: _builtins.int
+    PREFETCH_FIELD_NUMBER: _builtins.int
+    FAILED_MODELS_FIELD_NUMBER: _builtins.int
+    VRAM_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    VRAM_FREE_BYTES_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     device: _builtins.str
     """"cuda" or "cpu"."""
     slots: _builtins.int
     """How many jobs it runs at once."""
+    prefetch: _builtins.int
+    """How many more it holds ready to start as soon as a slot frees up."""
+    vram_total_bytes: _builtins.int
+    """GPU memory, from NVML or torch.cuda (0 on a CPU)."""
+    vram_free_bytes: _builtins.int
     @_builtins.property
     def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Models this worker has loaded and serves."""
+
+    @_builtins.property
+    def failed_models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelFailure]:
+        """Models this worker is configured for but could not load."""
 
     def __init__(
         self,
@@ -127,14 +149,64 @@ class Register(_message.Message):
         models: _abc.Iterable[_builtins.str] | None = ...,
         device: _builtins.str = ...,
         slots: _builtins.int = ...,
+        prefetch: _builtins.int = ...,
+        failed_models: _abc.Iterable[Global___ModelFailure] | None = ...,
+        vram_total_bytes: _builtins.int = ...,
+        vram_free_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "models", b"models", "slots", b"slots", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "failed_models", b"failed_models", "models", b"models", "prefetch", b"prefetch", "slots", b"slots", "vram_free_bytes", b"vram_free_bytes", "vram_total_bytes", b"vram_total_bytes", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Register: _TypeAlias = Register  # noqa: Y015
+
+@_typing.final
+class ModelFailure(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelFailure: _TypeAlias = ModelFailure  # noqa: Y015
+
+@_typing.final
+class JobRef(_message.Message):
+    """A job as the worker holds it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    attempt: _builtins.int
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobRef: _TypeAlias = JobRef  # noqa: Y015
 
 @_typing.final
 class Registered(_message.Message):
@@ -158,7 +230,46 @@ Global___Registered: _TypeAlias = Registered  # noqa: Y015
 
 @_typing.final
 class Heartbeat(_message.Message):
-    """Keeps the worker's leases alive."""
+    """Keeps the leases of the jobs the worker still holds alive. A lease the scheduler no longer
+    grants (the job was re-leased or ended) comes back as a CancelAssignment.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    VRAM_FREE_BYTES_FIELD_NUMBER: _builtins.int
+    MODELS_FIELD_NUMBER: _builtins.int
+    FAILED_MODELS_FIELD_NUMBER: _builtins.int
+    vram_free_bytes: _builtins.int
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobRef]:
+        """Every job the worker holds, running or prefetched."""
+
+    @_builtins.property
+    def models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The models it can serve now, and those that failed (a replaced child process reloads them)."""
+
+    @_builtins.property
+    def failed_models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelFailure]: ...
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[Global___JobRef] | None = ...,
+        vram_free_bytes: _builtins.int = ...,
+        models: _abc.Iterable[_builtins.str] | None = ...,
+        failed_models: _abc.Iterable[Global___ModelFailure] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_models", b"failed_models", "jobs", b"jobs", "models", b"models", "vram_free_bytes", b"vram_free_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
+
+@_typing.final
+class Draining(_message.Message):
+    """The worker is shutting down: assign it nothing more. It finishes or releases what it holds."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -171,7 +282,33 @@ class Heartbeat(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
+Global___Draining: _TypeAlias = Draining  # noqa: Y015
+
+@_typing.final
+class JobReleased(_message.Message):
+    """The worker gives a job back unstarted (it is draining); the job runs elsewhere, and the hand-back
+    does not count as a failure.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    attempt: _builtins.int
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobReleased: _TypeAlias = JobReleased  # noqa: Y015
 
 @_typing.final
 class Assignment(_message.Message):
@@ -185,6 +322,8 @@ class Assignment(_message.Message):
     TEXT_TO_IMAGE_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    EXECUTION_TIMEOUT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     attempt: _builtins.int
     model: _builtins.str
@@ -194,6 +333,12 @@ class Assignment(_message.Message):
     def text_to_image(self) -> _job_pb2.TextToImage: ...
     @_builtins.property
     def lease_expire_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def options(self) -> Global___RunOptions: ...
+    @_builtins.property
+    def execution_timeout(self) -> _duration_pb2.Duration:
+        """The run (not the wait for a slot) is stopped after this long and fails DEADLINE_EXCEEDED."""
+
     def __init__(
         self,
         *,
@@ -203,14 +348,42 @@ class Assignment(_message.Message):
         text_to_image: _job_pb2.TextToImage | None = ...,
         lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
         traceparent: _builtins.str = ...,
+        options: Global___RunOptions | None = ...,
+        execution_timeout: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expire_time", b"lease_expire_time", "text_to_image", b"text_to_image"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["execution_timeout", b"execution_timeout", "lease_expire_time", b"lease_expire_time", "options", b"options", "text_to_image", b"text_to_image"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "job_id", b"job_id", "lease_expire_time", b"lease_expire_time", "model", b"model", "text_to_image", b"text_to_image", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "execution_timeout", b"execution_timeout", "job_id", b"job_id", "lease_expire_time", b"lease_expire_time", "model", b"model", "options", b"options", "text_to_image", b"text_to_image", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Assignment: _TypeAlias = Assignment  # noqa: Y015
+
+@_typing.final
+class RunOptions(_message.Message):
+    """Fallback routes after a GPU failure (see kiln.v1.Attempt.Route)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMORY_SAVERS_FIELD_NUMBER: _builtins.int
+    FULL_PRECISION_FIELD_NUMBER: _builtins.int
+    memory_savers: _builtins.bool
+    """Attention slicing and VAE tiling."""
+    full_precision: _builtins.bool
+    """Run in float32 even where the model is loaded in half precision."""
+    def __init__(
+        self,
+        *,
+        memory_savers: _builtins.bool = ...,
+        full_precision: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["full_precision", b"full_precision", "memory_savers", b"memory_savers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunOptions: _TypeAlias = RunOptions  # noqa: Y015
 
 @_typing.final
 class CancelAssignment(_message.Message):
