@@ -25,7 +25,7 @@ from libs.cli.devstack import LocalStack
 from libs.jobs import TextToImage
 from libs.redis_server import free_port
 from libs.sdk.client import KilnClient
-from services.gpu_worker.thread_runner import _generate
+from services.gpu_worker.generate import generate
 from services.gpu_worker.tiny_sd import build_tiny_sd
 
 SPEC = TextToImage("a red fox", "", 64, 64, 4, 7.5, 7, 1)
@@ -38,7 +38,7 @@ def direct(runs: int) -> list[float]:
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        images = _generate(pipe, SPEC, lambda step, total: None, never)
+        images = generate(pipe, SPEC, lambda step, total: None, never).images
         assert images[0].width == 64
         times.append(time.perf_counter() - start)
     return times

@@ -7,7 +7,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from kiln.v1 import job_pb2
 
 from libs.errors import DOMAIN
-from libs.jobs import Artifact, JobError, JobRecord, State, TextToImage, artifact_name
+from libs.jobs import Artifact, Attempt, JobError, JobRecord, State, TextToImage, artifact_name
 
 _STATE_TO_PB = {
     State.QUEUED: job_pb2.Job.STATE_QUEUED,
@@ -106,4 +106,19 @@ def job_to_pb(record: JobRecord) -> job_pb2.Job:
         job.error.CopyFrom(error_to_pb(record.error))
     if record.queue_timeout_ms:
         job.queue_timeout.FromMilliseconds(record.queue_timeout_ms)
+    job.attempts.extend(attempt_to_pb(a) for a in record.attempts)
     return job
+
+
+def attempt_to_pb(attempt: Attempt) -> job_pb2.Attempt:
+    pb = job_pb2.Attempt(
+        attempt=attempt.attempt,
+        worker=attempt.worker,
+        route=job_pb2.Attempt.Route.Value(f"ROUTE_{attempt.route.value}"),
+        outcome=job_pb2.Attempt.Outcome.Value(f"OUTCOME_{attempt.outcome.value}"),
+        start_time=_timestamp(attempt.start_ms),
+        end_time=_timestamp(attempt.end_ms),
+    )
+    if attempt.error is not None:
+        pb.error.CopyFrom(error_to_pb(attempt.error))
+    return pb

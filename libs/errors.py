@@ -6,12 +6,15 @@
     ├── PermissionDenied        PERMISSION_DENIED    403
     ├── NotFound                NOT_FOUND            404
     ├── FailedPrecondition      FAILED_PRECONDITION  409
+    │   └── RequestIdReused     FAILED_PRECONDITION  422  (a request id sent again with another body)
     ├── ResourceExhausted       RESOURCE_EXHAUSTED   429  (+ RetryInfo, QuotaFailure)
     ├── Unavailable             UNAVAILABLE          503  (+ RetryInfo)
     ├── DeadlineExceeded        DEADLINE_EXCEEDED    504
     └── Internal                INTERNAL             500  (message never reaches the client)
 
 Each carries an UPPER_SNAKE `reason` and string `metadata` for the `google.rpc.ErrorInfo` detail.
+A subclass that only changes the HTTP status is found again from its reason (`error_class`), so it
+keeps that status when it crosses a gRPC hop between services.
 """
 
 from __future__ import annotations
@@ -97,6 +100,13 @@ class FailedPrecondition(KilnError):
     default_reason = "FAILED_PRECONDITION"
 
 
+class RequestIdReused(FailedPrecondition):
+    """The IETF Idempotency-Key draft's 422: the key was already used with a different request."""
+
+    http_status = 422
+    default_reason = "REQUEST_ID_REUSED"
+
+
 class ResourceExhausted(KilnError):
     code = "RESOURCE_EXHAUSTED"
     http_status = 429
@@ -135,3 +145,13 @@ BY_CODE: dict[str, type[KilnError]] = {
         Internal,
     )
 }
+
+BY_REASON: dict[str, type[KilnError]] = {cls.default_reason: cls for cls in (RequestIdReused,)}
+
+
+def error_class(code: str, reason: str | None) -> type[KilnError]:
+    """The class for a status read off the wire: a reason-specific subclass of the code's class,
+    or the code's class, or `Internal` for a code Kiln never sends."""
+    by_code = BY_CODE.get(code, Internal)
+    by_reason = BY_REASON.get(reason or "")
+    return by_reason if by_reason is not None and issubclass(by_reason, by_code) else by_code

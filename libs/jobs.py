@@ -65,6 +65,44 @@ class JobError:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+class Route(enum.Enum):
+    """How a worker is asked to run an attempt; retries after GPU failures take a fallback route."""
+
+    STANDARD = "STANDARD"
+    MEMORY_SAVERS = "MEMORY_SAVERS"  # attention slicing and VAE tiling
+    LARGER_GPU = "LARGER_GPU"  # memory savers, on a worker with more free VRAM
+    FULL_PRECISION = "FULL_PRECISION"  # float32, after NaN latents or an all-black image
+
+    @property
+    def memory_savers(self) -> bool:
+        return self in (Route.MEMORY_SAVERS, Route.LARGER_GPU)
+
+    @property
+    def full_precision(self) -> bool:
+        return self is Route.FULL_PRECISION
+
+
+class AttemptOutcome(enum.Enum):
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    RELEASED = "RELEASED"  # handed back unfinished, not by a failure of its own
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One hand-over of a job to a worker."""
+
+    attempt: int
+    worker: str
+    route: Route
+    outcome: AttemptOutcome
+    error: JobError | None = None
+    start_ms: int = 0
+    end_ms: int = 0
+
+
 @dataclass(frozen=True)
 class JobRecord:
     id: str
@@ -86,6 +124,16 @@ class JobRecord:
     tier: str = ""
     cost: int = 0
     queue_timeout_ms: int = 0
+    attempts: tuple[Attempt, ...] = ()
+    # The route the next (or current) attempt takes.
+    route: Route = Route.STANDARD
+    # Failures so far by ErrorInfo reason, for the per-reason attempt limits.
+    failures: dict[str, int] = field(default_factory=dict)
+    # The smallest free VRAM (bytes) a worker needs to take the next attempt; 0 for any.
+    min_vram_bytes: int = 0
+    # Ended FAILED after its retries: it sits on the dead-letter list until an operator acts.
+    dead_letter: bool = False
+    refunded: bool = False
 
     @property
     def name(self) -> str:

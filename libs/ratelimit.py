@@ -17,6 +17,8 @@ from libs import redis_keys as keys
 from libs.tiers import Tier
 
 DAY_MS = 86_400_000
+# The policies that charge a job's compute units, and so are refunded when it never ran.
+CU_POLICIES = ("cu", "daily_cu")
 
 
 @dataclass(frozen=True)

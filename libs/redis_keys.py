@@ -27,9 +27,10 @@ def artifact(tenant: str, job_id: str, index: int) -> str:
     return f"{_tenant(tenant)}:job:{job_id}:artifact:{index}"
 
 
-def request_id(tenant: str, request_id: str) -> str:
-    """The job a `request_id` created, kept for a day so retries return the same job."""
-    return f"{_tenant(tenant)}:request:{request_id}"
+def request_id(tenant: str, api_key_id: str, request_id: str) -> str:
+    """The job a `request_id` sent with one API key created, kept for a day so that retries with
+    that key return the same job. (Key ids are fixed-length hex, so the two parts cannot blur.)"""
+    return f"{_tenant(tenant)}:request:{api_key_id}:{request_id}"
 
 
 def usage(tenant: str) -> str:
@@ -70,6 +71,29 @@ def lease_owners() -> str:
 def attempts() -> str:
     """Hash `<tenant> <job id>` -> attempts handed out so far (the fencing token)."""
     return f"{PREFIX}:{{sched}}:attempts"
+
+
+def delayed() -> str:
+    """Sorted set of retries waiting out their backoff, by due time (ms, Redis clock):
+    `<model>|<tier>|<tenant>|<job id> <cost>|<min free VRAM bytes>`."""
+    return f"{PREFIX}:{{sched}}:delayed"
+
+
+def intents() -> str:
+    """Sorted set of changes that span two hash slots and are not yet finished, by when the reaper
+    should finish them (ms, Redis clock): `<kind>|<tenant> <job id>`, kind enqueue, expire or
+    load_failed."""
+    return f"{PREFIX}:{{sched}}:intents"
+
+
+def dead_letters() -> str:
+    """Sorted set of `<tenant> <job id>` that ended FAILED after their retries, by when (ms)."""
+    return f"{PREFIX}:{{sched}}:dead_letters"
+
+
+def workers() -> str:
+    """Hash worker id -> JSON of what it last reported (models, failed models, VRAM, when seen)."""
+    return f"{PREFIX}:{{sched}}:workers"
 
 
 def api_key(key_id: str) -> str:

@@ -17,8 +17,18 @@ from google.protobuf import duration_pb2, json_format
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from libs.errors import BY_CODE, DOMAIN, FieldViolation, Internal, KilnError, QuotaViolation, Unavailable
+from libs.errors import (
+    BY_CODE,
+    DOMAIN,
+    FieldViolation,
+    Internal,
+    KilnError,
+    QuotaViolation,
+    Unavailable,
+    error_class,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +67,6 @@ def to_status(err: KilnError) -> status_pb2.Status:
 
 
 def from_status(status: status_pb2.Status) -> KilnError:
-    cls = BY_CODE.get(code_pb2.Code.Name(status.code), Internal)
     reason: str | None = None
     metadata: dict[str, str] = {}
     violations: list[FieldViolation] = []
@@ -80,6 +89,7 @@ def from_status(status: status_pb2.Status) -> KilnError:
             retry = error_details_pb2.RetryInfo()
             detail.Unpack(retry)
             retry_after_s = retry.retry_delay.ToMilliseconds() / 1000
+    cls = error_class(code_pb2.Code.Name(status.code), reason)
     return cls(
         status.message,
         reason=reason,
@@ -124,7 +134,7 @@ def as_kiln_error(exc: BaseException) -> KilnError:
         return exc
     if isinstance(exc, grpc.aio.AioRpcError):
         return from_rpc_error(exc)
-    if isinstance(exc, RedisConnectionError):  # includes timeouts and an exhausted pool
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError):  # also an exhausted pool
         log.warning("storage unavailable: %s", exc)
         return Unavailable("storage is unavailable; retry", reason="STORAGE_UNAVAILABLE", retry_after_s=1)
     log.error("unexpected error", exc_info=exc)

@@ -1,4 +1,5 @@
-"""Shared start-up pieces: a gRPC server with health and reflection, logging, readiness, signals."""
+"""Shared start-up pieces: a gRPC server with health and reflection, logging, readiness, and the
+shutdown on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -24,7 +25,12 @@ GRPC_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # A channel whose server went away retries the connection with a backoff that would grow to
+    # two minutes; capped, a restarted scheduler is found again within a few seconds.
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
+log = logging.getLogger(__name__)
 
 
 async def start_grpc(
@@ -57,17 +63,27 @@ def announce(service: str, **ports: int) -> None:
 
 
 async def wait_for_shutdown() -> None:
+    """Returns at the first SIGTERM or SIGINT. The handlers go with it: a second signal during the
+    drain that follows stops the process at once."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    try:
+        await stop.wait()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
 
 
 class Service(Protocol):
     async def start(self) -> None: ...
 
-    async def stop(self) -> None: ...
+    async def stop(self) -> None:
+        """Stops taking new work, lets what is in flight finish within the service's own grace
+        period (from its settings), then releases everything."""
+        ...
 
     def ready_info(self) -> dict[str, int]:
         """What `announce` prints once started: the ports bound, or the worker's slots."""
@@ -75,12 +91,15 @@ class Service(Protocol):
 
 
 async def serve(name: str, settings: CommonSettings, app: Service) -> None:
-    """A service's whole life as a process: start, announce, run until SIGTERM/SIGINT, stop."""
+    """A service's whole life as a process: start, announce, run until SIGTERM/SIGINT, then drain
+    and stop (`app.stop()`); a second signal during the drain ends the process at once."""
     configure_logging(settings.log_level)
     setup_tracing(f"kiln-{name.replace('_', '-')}", settings.otel_exporter)
     await app.start()
     announce(name, **app.ready_info())
     try:
         await wait_for_shutdown()
+        log.info("%s: shutting down", name)
     finally:
         await app.stop()
+    log.info("%s: stopped", name)

@@ -20,6 +20,7 @@ from pydantic_settings import (
 
 from libs.catalog import ModelSpec, build_catalog
 from libs.tiers import Tier, build_tiers
+from services.gpu_worker.faults import FaultRule
 
 
 class CommonSettings(BaseSettings):
@@ -65,6 +66,8 @@ class GatewaySettings(CommonSettings):
     # Unary calls to the scheduler that take longer fail as UNAVAILABLE (retryable).
     scheduler_timeout_seconds: float = 10.0
     max_body_bytes: int = 1 << 20
+    # On SIGTERM: how long calls in flight may take to finish before they are cut off.
+    shutdown_grace_seconds: float = 10.0
 
 
 class SchedulerSettings(CommonSettings):
@@ -76,8 +79,23 @@ class SchedulerSettings(CommonSettings):
     job_ttl_seconds: int = 7 * 24 * 3600
     # How long a dispatcher sleeps between checks when no wake-up arrives (a missed pub/sub hint).
     dispatch_poll_seconds: float = 0.5
-    # How often each replica looks for queued jobs past their queue timeout.
+    # How often each replica runs its housekeeping: queue timeouts, ended backoffs, expired leases.
     queue_expiry_interval_seconds: float = 0.25
+    # A job's run (not its wait for a slot) is stopped after this long: DEADLINE_EXCEEDED.
+    execution_timeout_seconds: float = 600.0
+    # Attempts per failure reason (ErrorInfo.reason of the worker's failure), over the defaults
+    # WORKER_CRASHED 3, OUT_OF_MEMORY 3, INVALID_OUTPUT 2, MODEL_LOAD_FAILED 3, DEADLINE_EXCEEDED 1;
+    # other reasons are not retried.
+    retry_max_attempts: dict[str, int] = Field(default_factory=dict)
+    # Hand-overs to workers of any kind, so a job that keeps taking its worker down ends.
+    retry_max_total_attempts: int = Field(default=10, ge=1)
+    retry_backoff_base_seconds: float = Field(default=1.0, ge=0)
+    retry_backoff_max_seconds: float = Field(default=60.0, ge=0)
+    # How long a half-done change (an expired lease being requeued, a create whose enqueue never
+    # came) is left to its owner before another replica finishes it.
+    recovery_grace_seconds: float = Field(default=10.0, gt=0)
+    # On SIGTERM: how long in-flight calls and worker streams get to finish.
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
 
 
 class WorkerSettings(CommonSettings):
@@ -88,6 +106,15 @@ class WorkerSettings(CommonSettings):
     # "auto" picks cuda when present, else cpu.
     worker_device: str = "auto"
     reconnect_seconds: float = 1.0
+    # Jobs held beyond `worker_slots`, ready to start the moment a slot frees up.
+    worker_prefetch: int = Field(default=1, ge=0)
+    # On SIGTERM, how long running jobs get to finish before they are stopped and requeued.
+    worker_drain_seconds: float = 30.0
+    # The hardware-edge fake of the GPU's memory readings; used when either is > 0.
+    fake_vram_total_bytes: int = 0
+    fake_vram_free_bytes: int = 0
+    # Injected GPU faults, for tests only (env KILN_FAULTS, a JSON list); see services/gpu_worker/faults.py.
+    faults: list[FaultRule] = Field(default_factory=list)
 
 
 def dump(settings: BaseSettings) -> dict[str, Any]:

@@ -53,6 +53,8 @@ TEST_TIERS: dict[str, dict[str, float]] = {
     "daily3": _tier(daily_cu_quota=3),
     "retry2s": _tier(cu_burst=1, cu_per_second=0.5),
     "qcap10": _tier(max_queued_cu=10),
+    # Drains slowly enough that a refund shows to three decimals.
+    "slow-drain": _tier(cu_burst=5, cu_per_second=0.01, daily_cu_quota=100, requests_per_second=0.01),
     "two-policies": _tier(cu_burst=1, cu_per_second=1, request_burst=1, requests_per_second=0.1),
 }
 
@@ -102,6 +104,7 @@ async def stack(redis_server: RedisServer, local_model_dir: Path) -> AsyncIterat
             redis_socket_timeout_seconds=1.0,
             models=models,
             tiers=TEST_TIERS,
+            shutdown_grace_seconds=1.0,
         )
     )
     await scheduler.start()
@@ -147,7 +150,7 @@ async def stack(redis_server: RedisServer, local_model_dir: Path) -> AsyncIterat
     )
     await gateway.stop(1)
     await worker.stop()
-    await scheduler.stop(1)
+    await scheduler.stop()
 
 
 @pytest.fixture(scope="session")

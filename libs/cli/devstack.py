@@ -14,6 +14,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from redis.asyncio import Redis
 
@@ -110,6 +111,18 @@ async def _ready_line(module: str, proc: asyncio.subprocess.Process) -> str:
             raise SystemExit(f"{module} exited with {await proc.wait()} before it was ready")
         if line.startswith("KILN_READY"):
             return line.strip()
+
+
+async def start_service(
+    module: str, env: dict[str, str], *, stderr: int | IO[bytes] | None = None
+) -> tuple[asyncio.subprocess.Process, dict[str, int]]:
+    """Starts `python -m module` and waits for its KILN_READY line; returns it and what it bound."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", module, env=env, stdout=asyncio.subprocess.PIPE, stderr=stderr
+    )
+    line = await _ready_line(module, proc)
+    ports = {k: int(v) for k, v in (item.split("=") for item in line.split()[2:])}
+    return proc, ports
 
 
 def _banner(key: str, http_port: int, grpc_port: int) -> str:

@@ -15,7 +15,7 @@ from libs.api_keys import ApiKeys
 from libs.cli.devstack import REDIS_URL_FILE, run_stack
 from libs.cli.generate import generate
 from libs.errors import KilnError
-from libs.settings import CommonSettings
+from libs.settings import CommonSettings, SchedulerSettings
 
 
 def _redis_url(given: str | None) -> str:
@@ -67,6 +67,36 @@ async def _keys(args: argparse.Namespace) -> None:
         await redis.aclose()
 
 
+async def _dead_letters(args: argparse.Namespace) -> None:
+    from services.scheduler.dead_letters import DeadLetters
+    from services.scheduler.queues import Queues
+    from services.scheduler.scripts import Scripts
+    from services.scheduler.store import JobStore
+
+    settings = SchedulerSettings(redis_url=_redis_url(args.redis_url))
+    redis = Redis.from_url(settings.redis_url)
+    scripts = Scripts(redis)
+    store = JobStore(
+        redis, scripts, job_ttl_s=settings.job_ttl_seconds, artifact_ttl_s=settings.artifact_ttl_seconds
+    )
+    weights = {name: t.dispatch_weight for name, t in settings.tier_table().items()}
+    letters = DeadLetters(
+        store, Queues(redis, scripts, weights), grace_ms=int(settings.recovery_grace_seconds * 1000)
+    )
+    try:
+        if args.dl_command == "list":
+            for letter in await letters.list(args.limit):
+                job, error = letter.record, letter.record.error
+                why = f"{error.reason}: {error.message}" if error else "-"
+                print(f"{job.tenant}  {job.name}  model={job.model}  attempts={job.attempt}  {why}")
+        else:
+            for name in args.jobs:
+                record = await letters.requeue(args.tenant, name.removeprefix("jobs/"))
+                print(f"{record.name} requeued ({record.state.value})")
+    finally:
+        await redis.aclose()
+
+
 def _job(args: argparse.Namespace) -> job_pb2.Job:
     t2i = job_pb2.TextToImage(prompt=args.prompt, negative_prompt=args.negative_prompt)
     for name in ("width", "height", "steps", "seed", "num_images", "guidance_scale"):
@@ -99,6 +129,15 @@ def _parser() -> argparse.ArgumentParser:
     revoke = keys_sub.add_parser("revoke")
     revoke.add_argument("key_id", help="the 16 hex characters after 'kiln_'")
     keys_sub.add_parser("list")
+
+    dead = sub.add_parser("dead-letters", help="list and requeue jobs that failed after their retries")
+    dead.add_argument("--redis-url", help="default: KILN_REDIS_URL, else the Redis `kiln up` started")
+    dead_sub = dead.add_subparsers(dest="dl_command", required=True)
+    dl_list = dead_sub.add_parser("list", help="oldest first: tenant, job, model, attempts, last error")
+    dl_list.add_argument("--limit", type=int, default=100)
+    dl_requeue = dead_sub.add_parser("requeue", help="run them again (same job ids, failure counts reset)")
+    dl_requeue.add_argument("--tenant", required=True)
+    dl_requeue.add_argument("jobs", nargs="+", help="jobs/<id> or <id>")
 
     gen = sub.add_parser("generate", help="generate an image through the API")
     gen.add_argument("prompt", help="what to draw")
@@ -133,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
             asyncio.run(run_stack(args.http_port, args.grpc_port, args.scheduler_port))
         elif args.command == "keys":
             asyncio.run(_keys(args))
+        elif args.command == "dead-letters":
+            asyncio.run(_dead_letters(args))
         else:
             if not args.api_key:
                 raise SystemExit("no API key: pass --api-key or set KILN_API_KEY")

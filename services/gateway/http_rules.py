@@ -24,6 +24,9 @@ from google.protobuf.message_factory import GetMessageClass
 _TOKEN = re.compile(r"\{(?P<var>[A-Za-z_][\w.]*)(?:=(?P<sub>[^{}]+))?\}|(?P<lit>[^/{}]+)")
 _SEGMENT = "[^/]+"
 _SEGMENTS = "(?:[^/]+(?:/[^/]+)*)?"  # `**`: zero or more segments
+# Request headers that stand for a field of the request message, where it has one: the IETF
+# Idempotency-Key header is AIP-155's request_id.
+HEADER_FIELDS = {"Idempotency-Key": "request_id"}
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """The public JobService, once for both transports: each method takes the authenticated principal
 and a `kiln.v1` request, and returns the response (or an async iterator of them for streams).
 
-The gRPC servicer and the REST edge both call these methods by their RPC names.
+The gRPC servicer and the REST edge both call these methods by their RPC names. A method that has
+more to say than its response (a CreateJob replayed for its request id) says it through
+`reply_metadata`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from libs.catalog import ModelSpec
 from libs.convert import spec_to_pb
 from libs.telemetry import current_traceparent, tracer
 from libs.tiers import Tier, tier_of
+from services.gateway import reply_metadata
+from services.gateway.drain import Drain
 from services.gateway.validation import check_request_id, fingerprint, resolve
 
 
@@ -31,7 +35,9 @@ class JobsApi:
         tiers: dict[str, Tier],
         *,
         timeout_s: float,
+        drain: Drain | None = None,
     ) -> None:
+        self._drain = drain or Drain()
         self._scheduler = scheduler
         self._catalog = catalog
         self._tiers = tiers
@@ -55,12 +61,16 @@ class JobsApi:
                     tier=principal.tier,
                     job=resolved,
                     request_id=request.request_id,
+                    api_key_id=principal.key_id,
                     request_fingerprint=fingerprint(request.job),
                     traceparent=current_traceparent(),
                 ),
                 timeout=self._timeout_s,
             )
             span.set_attribute("kiln.job", reply.job.name)
+            span.set_attribute("kiln.replayed", reply.replayed)
+            if reply.replayed:
+                reply_metadata.add(reply_metadata.IDEMPOTENT_REPLAYED, "true")
             return pb.CreateJobResponse(job=reply.job)
 
     async def EstimateJob(
@@ -100,7 +110,14 @@ class JobsApi:
         )
         return pb.CancelJobResponse(job=reply.job)
 
-    async def WatchJob(
+    def WatchJob(
+        self, principal: Principal, request: pb.WatchJobRequest
+    ) -> AsyncIterator[pb.WatchJobResponse]:
+        """Ends with UNAVAILABLE (SHUTTING_DOWN) when the gateway begins to shut down; the client
+        reattaches from its last event id."""
+        return self._drain.until_begun(self._relay_watch(principal, request))
+
+    async def _relay_watch(
         self, principal: Principal, request: pb.WatchJobRequest
     ) -> AsyncIterator[pb.WatchJobResponse]:
         call = self._scheduler.WatchJob(

@@ -18,7 +18,7 @@ from typing import Any
 from google.api import field_behavior_pb2
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor, ServiceDescriptor
 
-from services.gateway.http_rules import Route, routes_for
+from services.gateway.http_rules import HEADER_FIELDS, Route, routes_for
 from services.gateway.transcode import SCALAR_FORMS, WRAPPERS
 
 Schema = dict[str, Any]
@@ -199,6 +199,20 @@ def _query_parameters(route: Route, schemas: _Schemas) -> list[Schema]:
     return parameters
 
 
+def _header_parameters(route: Route) -> list[Schema]:
+    """Request headers that stand for a field of the request (`Idempotency-Key`: `request_id`)."""
+    return [
+        {
+            "name": header,
+            "in": "header",
+            "schema": {"type": "string"},
+            "description": f"The same as `{name}`; when both are given they must be equal.",
+        }
+        for header, name in HEADER_FIELDS.items()
+        if name in route.method.input_type.fields_by_name
+    ]
+
+
 def _request_body(route: Route, schemas: _Schemas) -> Schema | None:
     if not route.body:
         return None
@@ -252,7 +266,7 @@ def build_openapi(service: ServiceDescriptor, *, title: str, version: str) -> di
         operation: dict[str, Any] = {
             "operationId": route.method.name + (f"_{n}" if n else ""),
             "tags": [service.name],
-            "parameters": parameters + _query_parameters(route, schemas),
+            "parameters": parameters + _query_parameters(route, schemas) + _header_parameters(route),
             "responses": {
                 "200": _success(route, schemas),
                 "default": {"$ref": "#/components/responses/Error"},

@@ -3,6 +3,8 @@
 Each request: find the route, authenticate, decode, call `api.<Method>(principal, request)`, encode.
 Unary answers are JSON; server streams are Server-Sent Events, or raw bytes when they stream
 `google.api.HttpBody`. Every error leaves as Google's JSON error body through `libs.rpc_status`.
+Headers the method adds through `reply_metadata` go out with its answer. Once the `Drain` has
+begun, new requests get 503 `SHUTTING_DOWN` while those in flight finish.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from google.protobuf.message import Message
 
 from libs.errors import InvalidArgument, KilnError, NotFound
 from libs.rpc_status import as_kiln_error, to_json
-from services.gateway.http_rules import Route, Router, routes_for
+from services.gateway import reply_metadata
+from services.gateway.drain import Drain, shutting_down
+from services.gateway.http_rules import HEADER_FIELDS, Route, Router, routes_for
 from services.gateway.transcode import decode_request, encode_response
 
 P = TypeVar("P")
@@ -85,9 +89,11 @@ class _RestEdge:
         authenticate: Callable[[str | None], Awaitable[object]],
         max_body: int,
         response_headers: Callable[[Any], Awaitable[dict[str, str]]] | None,
+        drain: Drain,
     ) -> None:
         self._router, self._api, self._authenticate, self._max_body = router, api, authenticate, max_body
         self._response_headers = response_headers
+        self._drain = drain
 
     async def _headers_for(self, principal: object) -> dict[str, str]:
         if principal is None or self._response_headers is None:
@@ -95,6 +101,14 @@ class _RestEdge:
         return await self._response_headers(principal)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self._drain.begun:
+            response = error_response(shutting_down("retry"))
+            response.force_close()  # so that the retry opens a connection, perhaps to another replica
+            return response
+        with self._drain.track():
+            return await self._handle(request)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         principal: object = None
         try:
             route, path_vars = self._find(request)
@@ -103,9 +117,12 @@ class _RestEdge:
             query = {key: request.query.getall(key) for key in request.query}
             message = decode_request(route, path_vars, query, body)
             _resume_from(request, message)
+            _fields_from_headers(request, message)
             call: Callable[[object, Message], Any] = getattr(self._api, route.method.name)
             if not route.server_streaming:
-                response = web.json_response(encode_response(route, await call(principal, message)))
+                with reply_metadata.collect() as added:
+                    reply = await call(principal, message)
+                response = web.json_response(encode_response(route, reply), headers=added)
                 with contextlib.suppress(Exception):  # the call succeeded; headers are a courtesy
                     response.headers.update(await self._headers_for(principal))
                 return response
@@ -152,6 +169,30 @@ def _resume_from(request: web.Request, message: Message) -> None:
         )
     if not getattr(message, RESUME_FIELD):
         setattr(message, RESUME_FIELD, last_event_id)
+
+
+def _fields_from_headers(request: web.Request, message: Message) -> None:
+    """Fills a field from its header; a header and a field that disagree are refused, naming it."""
+    for header, name in HEADER_FIELDS.items():
+        field = message.DESCRIPTOR.fields_by_name.get(name)
+        raw = request.headers.get(header)
+        if field is None or field.type != FieldDescriptor.TYPE_STRING or raw is None:
+            continue
+        value = _sf_string(raw.strip())
+        current = getattr(message, name)
+        if current and current != value:
+            raise InvalidArgument.field(
+                name, f"the {header} header ({value!r}) and {name} ({current!r}) differ; send one of them"
+            )
+        setattr(message, name, value)
+
+
+def _sf_string(value: str) -> str:
+    """An RFC 8941 string (`"abc"`, as the Idempotency-Key draft sends it) unquoted; a bare token
+    (as most clients send it) as it is."""
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        return value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+    return value
 
 
 async def _stream(
@@ -211,14 +252,16 @@ def build_rest_app(
     *,
     max_body_bytes: int = 1 << 20,
     response_headers: Callable[[P], Awaitable[dict[str, str]]] | None = None,
+    drain: Drain | None = None,
 ) -> web.Application:
-    """`response_headers` adds headers (the caller's rate-limit state) to every authenticated answer."""
+    """`response_headers` adds headers (the caller's rate-limit state) to every authenticated answer;
+    `drain` refuses new requests once the server begins to shut down."""
     router = Router(routes_for(service))
     names = {route.method.name for route in router.routes}
     missing = sorted(name for name in names if not callable(getattr(api, name, None)))
     if missing:
         raise TypeError(f"the api object lacks {', '.join(missing)}")
-    edge = _RestEdge(router, api, authenticate, max_body_bytes, response_headers)
+    edge = _RestEdge(router, api, authenticate, max_body_bytes, response_headers, drain or Drain())
     # handler_cancellation: a client that disconnects cancels its handler, as a gRPC cancel would,
     # which closes a stream's async generator at once rather than at its next event.
     app = web.Application(client_max_size=max_body_bytes, handler_args={"handler_cancellation": True})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
 from libs.catalog import BUILTIN_TINY_SD, ModelSpec
@@ -15,7 +16,7 @@ def load_pipeline(spec: ModelSpec, device: str) -> DiffusionPipeline:
     """The pipeline for `spec` on `device`; raises `ModelLoadError` naming the model and its source."""
     builtin = spec.source == BUILTIN_TINY_SD
     if not builtin and not Path(spec.source).is_dir():
-        raise ModelLoadError(f"model {spec.name!r}: {spec.source} is not a directory")
+        raise ModelLoadError(spec.name, f"model {spec.name!r}: {spec.source} is not a directory")
     try:
         pipe = build_tiny_sd(device) if builtin else _from_directory(Path(spec.source), device)
     except Exception as exc:
@@ -23,7 +24,7 @@ def load_pipeline(spec: ModelSpec, device: str) -> DiffusionPipeline:
         # job only needs to know which model failed and why, in one line.
         lines = str(exc).strip().splitlines()
         reason = lines[0][:300] if lines else type(exc).__name__
-        raise ModelLoadError(f"model {spec.name!r}: cannot load {spec.source}: {reason}") from exc
+        raise ModelLoadError(spec.name, f"model {spec.name!r}: cannot load {spec.source}: {reason}") from exc
     # Progress goes to the job's events, not to a tqdm bar on the worker's stderr.
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -35,4 +36,5 @@ def _from_directory(path: Path, device: str) -> DiffusionPipeline:
     # The worker returns images as the model draws them; a checker would swap flagged ones for black.
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None
-    return pipe.to(device)
+    # Half precision on a GPU, as models are served; a run asks for float32 when fp16 overflows.
+    return pipe.to(device, torch.float16 if device == "cuda" else torch.float32)

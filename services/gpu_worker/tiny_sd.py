@@ -87,7 +87,8 @@ def build_tiny_sd(device: str = "cpu") -> StableDiffusionPipeline:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    return pipe.to(device)
+    # Half precision on a GPU, as the loader serves directory models.
+    return pipe.to(device, torch.float16 if device == "cuda" else torch.float32)
 
 
 def _byte_tokenizer() -> PreTrainedTokenizerFast:

@@ -25,17 +25,18 @@ class SchedulerApi(pb_grpc.SchedulerServiceServicer):
 
     @grpc_boundary
     async def SubmitJob(self, request: pb.SubmitJobRequest, context: Ctx) -> pb.SubmitJobResponse:
-        record = await self._jobs.submit(
+        record, replayed = await self._jobs.submit(
             request.tenant,
             request.tier,
             request.job.model,
             spec_from_pb(request.job.text_to_image),
             request_id=request.request_id,
+            api_key_id=request.api_key_id,
             fingerprint=request.request_fingerprint,
             traceparent=request.traceparent,
             queue_timeout_ms=request.job.queue_timeout.ToMilliseconds(),
         )
-        return pb.SubmitJobResponse(job=job_to_pb(record))
+        return pb.SubmitJobResponse(job=job_to_pb(record), replayed=replayed)
 
     @grpc_boundary
     async def EstimateJob(self, request: pb.EstimateJobRequest, context: Ctx) -> pb.EstimateJobResponse:

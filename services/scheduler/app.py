@@ -12,10 +12,18 @@ from redis.asyncio import Redis
 from libs.serving import serve, start_grpc
 from libs.settings import SchedulerSettings
 from services.scheduler.api import SchedulerApi
+from services.scheduler.expiry import INTENT as EXPIRE_INTENT
 from services.scheduler.expiry import QueueExpiry
+from services.scheduler.housekeeping import Housekeeping
 from services.scheduler.hub import Hub
 from services.scheduler.jobs import Jobs
+from services.scheduler.model_health import INTENT as LOAD_FAILED_INTENT
+from services.scheduler.model_health import ModelHealth
 from services.scheduler.queues import Queues
+from services.scheduler.reaper import Reaper
+from services.scheduler.recovery import Recovery
+from services.scheduler.registry import Registry
+from services.scheduler.retries import RetryPolicy
 from services.scheduler.scripts import Scripts
 from services.scheduler.store import JobStore
 from services.scheduler.worker_service import WorkerService
@@ -47,15 +55,46 @@ class SchedulerApp:
             tiers=tiers,
             catalog=settings.catalog(),
         )
-        self.workers = WorkerService(self.store, self.queues, self.hub, settings)
-        self.expiry = QueueExpiry(self.queues, self.store, settings.queue_expiry_interval_seconds)
-        self._expiry_task: asyncio.Task[None] | None = None
+        self.registry = Registry(self.redis, stale_ms=3 * settings.heartbeat_interval_ms)
+        self.policy = RetryPolicy(
+            settings.retry_max_attempts,
+            max_total_attempts=settings.retry_max_total_attempts,
+            backoff_base_ms=int(settings.retry_backoff_base_seconds * 1000),
+            backoff_max_ms=int(settings.retry_backoff_max_seconds * 1000),
+        )
+        self.recovery = Recovery(self.store, self.queues, self.policy, self.registry)
+        self.workers = WorkerService(
+            self.store, self.queues, self.hub, self.recovery, self.registry, settings
+        )
+        grace_ms = int(settings.recovery_grace_seconds * 1000)
+        self.expiry = QueueExpiry(self.queues, self.store, grace_ms=grace_ms)
+        self.model_health = ModelHealth(
+            self.queues, self.store, self.registry, sorted(settings.catalog()), grace_ms=grace_ms
+        )
+        self.reaper = Reaper(
+            self.store,
+            self.queues,
+            self.recovery,
+            grace_ms=grace_ms,
+            handlers={EXPIRE_INTENT: self.expiry.end, LOAD_FAILED_INTENT: self.model_health.end},
+        )
+        self.housekeeping = Housekeeping(
+            {
+                "backoffs": lambda: self.queues.promote_due(100),
+                "queue timeouts": self.expiry.expire_due,
+                "leases": self.reaper.reap_leases,
+                "intents": self.reaper.finish_intents,
+                "models": self.model_health.check,
+            },
+            settings.queue_expiry_interval_seconds,
+        )
+        self._housekeeping_task: asyncio.Task[None] | None = None
         self.port = 0
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
         await self.hub.start()
-        self._expiry_task = asyncio.create_task(self.expiry.run_forever(), name="queue-expiry")
+        self._housekeeping_task = asyncio.create_task(self.housekeeping.run_forever(), name="housekeeping")
         api = SchedulerApi(self.jobs)
         self._server, self.port, _ = await start_grpc(
             self.settings.scheduler_host,
@@ -73,13 +112,16 @@ class SchedulerApp:
     def ready_info(self) -> dict[str, int]:
         return {"grpc": self.port}
 
-    async def stop(self, grace: float = 5.0) -> None:
+    async def stop(self) -> None:
+        """Drains: no worker gets new work, calls in flight get the grace period to finish, then the
+        jobs still on this replica's workers are handed back to run elsewhere."""
+        self.workers.stop_dispatch()
         if self._server is not None:
-            await self._server.stop(grace)
+            await self._server.stop(self.settings.shutdown_grace_seconds)
         await self.workers.drain()
-        if self._expiry_task is not None:
-            self._expiry_task.cancel()
-            await asyncio.gather(self._expiry_task, return_exceptions=True)
+        if self._housekeeping_task is not None:
+            self._housekeeping_task.cancel()
+            await asyncio.gather(self._housekeeping_task, return_exceptions=True)
         await self.hub.stop()
         await self.redis.aclose()
 

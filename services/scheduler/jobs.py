@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from libs.catalog import ModelSpec
 from libs.cost import compute_units
 from libs.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from libs.jobs import JobRecord, TextToImage, artifact_name
+from libs.jobs import JobRecord, TextToImage, artifact_name, new_job_id
 from libs.tiers import Tier, tier_of
 from services.scheduler.admission import terms
 from services.scheduler.hub import Hub
@@ -17,6 +17,8 @@ from services.scheduler.queues import Queues, queued
 from services.scheduler.store import JobStore
 
 ARTIFACT_CHUNK_BYTES = 1 << 20
+# Longer than any CreateJob call is waited for, so the reaper never races a slow submit.
+ENQUEUE_GRACE_MS = 30_000
 
 
 @dataclass(frozen=True)
@@ -56,28 +58,43 @@ class Jobs:
         spec: TextToImage,
         *,
         request_id: str = "",
+        api_key_id: str = "",
         fingerprint: str = "",
         traceparent: str = "",
         queue_timeout_ms: int = 0,
-    ) -> JobRecord:
+    ) -> tuple[JobRecord, bool]:
+        """Admits a new job, or returns the one an earlier call with the same request id and API
+        key made; returns the job and whether it was such a replay (charged nothing)."""
         cost = compute_units(spec, self._model(model).cost_factor)
         tier_config = tier_of(self._tiers, tier)
-        if not (request_id and await self._store.replayed(tenant, request_id)):
+        if not (request_id and await self._store.replayed(tenant, api_key_id, request_id)):
             await self._refuse_long_waits(await self._queues.stats(model), model, tier, tier_config)
         longest = int(tier_config.max_queue_wait_s * 1000)
-        record, created = await self._store.create(
-            tenant,
-            model,
-            spec,
-            terms(tier, tier_config, cost),
-            request_id=request_id,
-            fingerprint=fingerprint,
-            traceparent=traceparent,
-            queue_timeout_ms=min(queue_timeout_ms, longest) if queue_timeout_ms > 0 else longest,
-        )
+        # The job (its tenant's hash slot) and its place in line (the dispatch slot) are two steps:
+        # the intent, written first, lets the reaper finish the second should this process die.
+        job_id = new_job_id()
+        intent = await self._queues.intend("enqueue", tenant, job_id, ENQUEUE_GRACE_MS)
+        try:
+            record, created = await self._store.create(
+                tenant,
+                model,
+                spec,
+                terms(tier, tier_config, cost),
+                request_id=request_id,
+                api_key_id=api_key_id,
+                fingerprint=fingerprint,
+                traceparent=traceparent,
+                queue_timeout_ms=min(queue_timeout_ms, longest) if queue_timeout_ms > 0 else longest,
+                job_id=job_id,
+            )
+        except BaseException:
+            await self._queues.done(intent)  # refused: there is nothing to put in line
+            raise
         if created:
-            await self._queues.enqueue(queued(record))
-        return record
+            await self._queues.enqueue(queued(record), intent=intent)
+        else:
+            await self._queues.done(intent)
+        return record, not created
 
     async def estimate(self, tenant: str, tier: str, model: str, spec: TextToImage) -> Estimate:
         tier_config = tier_of(self._tiers, tier)

@@ -54,12 +54,22 @@ class Queues:
 
     async def _dispatch(self, op: str, *args: str | int) -> object:
         return await self._scripts.dispatch(
-            keys=[keys.leases(), keys.lease_owners(), keys.attempts(), keys.queue_deadlines()],
+            keys=[
+                keys.leases(),
+                keys.lease_owners(),
+                keys.attempts(),
+                keys.queue_deadlines(),
+                keys.delayed(),
+                keys.intents(),
+                keys.dead_letters(),
+            ],
             args=[op, keys.DISPATCH_PREFIX, *self._weights, *args],
         )
 
-    async def enqueue(self, job: QueuedJob, *, front: bool = False) -> None:
-        await self._dispatch(
+    async def enqueue(self, job: QueuedJob, *, front: bool = False, intent: str = "") -> bool:
+        """Puts a job in its line. With an `intent` (see `intend`), only if the intent is still
+        open, closing it: of the caller and the reaper finishing it, exactly one enqueues."""
+        pushed = await self._dispatch(
             "enqueue",
             job.model,
             job.tier,
@@ -68,18 +78,112 @@ class Queues:
             job.cost,
             "1" if front else "0",
             job.timeout_ms,
+            intent,
         )
-        await self._redis.publish(keys.WAKE_CHANNEL, job.model)
+        if pushed:
+            await self._redis.publish(keys.WAKE_CHANNEL, job.model)
+        return bool(pushed)
+
+    async def intend(self, kind: str, tenant: str, job_id: str, grace_ms: int) -> str:
+        """Records a change that spans two hash slots before its first step, so that if this
+        process dies half-way the reaper finishes it after `grace_ms`. Returns the intent."""
+        intent = intent_member(kind, tenant, job_id)
+        await self._redis.zadd(keys.intents(), {intent: await self.now_ms() + grace_ms})
+        return intent
+
+    async def done(self, intent: str) -> None:
+        await self._redis.zrem(keys.intents(), intent)
+
+    async def due_intents(self, most: int, grace_ms: int) -> list[tuple[str, str, str]]:
+        """(kind, tenant, job id) of intents past their grace, each put off by `grace_ms` again so
+        that one replica at a time finishes it."""
+        due = await self._dispatch("due_intents", most, grace_ms)
+        assert isinstance(due, list)
+        out = []
+        for raw in due:
+            kind, entry = raw.decode().split("|", 1)
+            out.append((kind, *keys.parse_queue_entry(entry)))
+        return out
+
+    async def now_ms(self) -> int:
+        seconds, micros = await self._redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
 
     async def remove(self, job: QueuedJob) -> bool:
-        """Takes a job out of its queue; False when it was not there (claimed or expired)."""
+        """Takes a job out of wherever it waits (its line, a backoff, the larger-GPU lane); False
+        when it was not there (claimed or expired)."""
         return bool(await self._dispatch("remove", job.model, job.tier, job.tenant, job.job_id, job.cost))
 
-    async def expire_due(self, most: int) -> list[tuple[str, str]]:
-        """Takes out the jobs whose queue timeout has passed; (tenant, job id) of each."""
-        expired = await self._dispatch("expire", most)
+    async def expire_due(self, most: int, grace_ms: int) -> list[tuple[str, str]]:
+        """Takes out the jobs whose queue timeout has passed, each with an `expire` intent;
+        (tenant, job id) of each."""
+        expired = await self._dispatch("expire", most, grace_ms)
         assert isinstance(expired, list)
         return [keys.parse_queue_entry(entry.decode()) for entry in expired]
+
+    async def drop_model(self, model: str, kind: str, grace_ms: int) -> list[tuple[str, str]]:
+        """Takes every waiting job of `model` out, each with a `kind` intent to end it."""
+        dropped = await self._dispatch("drop_model", model, kind, grace_ms)
+        assert isinstance(dropped, list)
+        return [keys.parse_queue_entry(entry.decode()) for entry in dropped]
+
+    async def waiting(self, model: str) -> bool:
+        return bool(await self._dispatch("waiting", model))
+
+    async def promote_due(self, most: int) -> int:
+        """Moves retries whose backoff is over back into line; how many."""
+        promoted = await self._dispatch("promote", most)
+        assert isinstance(promoted, int)
+        return promoted
+
+    async def reap(self, most: int, grace_ms: int) -> list[tuple[str, str, str, int]]:
+        """Leases past their expiry: (tenant, job id, worker, attempt) of each, put off by
+        `grace_ms` so that one replica at a time handles each."""
+        flat = await self._dispatch("reap", most, grace_ms)
+        assert isinstance(flat, list)
+        out = []
+        for i in range(0, len(flat), 2):
+            tenant, job_id = keys.parse_queue_entry(flat[i].decode())
+            worker, _, attempt = flat[i + 1].decode().rpartition(" ")
+            out.append((tenant, job_id, worker, int(attempt or 0)))
+        return out
+
+    async def retry(self, attempt: int, job: QueuedJob, *, delay_ms: int, min_vram_bytes: int) -> bool:
+        """Gives a leased job back in one step: straight to the head of its tenant's line, or after
+        `delay_ms`, or to the lane of workers with more than `min_vram_bytes` free. False when
+        `attempt` no longer holds the lease."""
+        moved = await self._dispatch(
+            "requeue",
+            keys.queue_entry(job.tenant, job.job_id),
+            attempt,
+            job.model,
+            job.tier,
+            job.cost,
+            delay_ms,
+            min_vram_bytes,
+        )
+        if moved and not delay_ms and not min_vram_bytes:
+            await self._redis.publish(keys.WAKE_CHANNEL, job.model)
+        return bool(moved)
+
+    async def bury(self, tenant: str, job_id: str, attempt: int | None) -> bool:
+        """Ends the job's lease (if `attempt` holds it) and puts it on the dead-letter list."""
+        return bool(
+            await self._dispatch("bury", keys.queue_entry(tenant, job_id), "" if attempt is None else attempt)
+        )
+
+    async def unbury(self, tenant: str, job_id: str, grace_ms: int) -> str:
+        """Takes a job off the dead-letter list with an `enqueue` intent; "" if it was not there."""
+        intent = intent_member("enqueue", tenant, job_id)
+        taken = await self._dispatch("unbury", keys.queue_entry(tenant, job_id), intent, grace_ms)
+        return intent if taken else ""
+
+    async def dead_letters(self, limit: int) -> list[tuple[str, str, int]]:
+        """(tenant, job id, ms it was buried) of dead letters, oldest first."""
+        raw: list[tuple[bytes, float]] = await self._redis.zrange(  # type: ignore[assignment]
+            keys.dead_letters(), 0, limit - 1, withscores=True
+        )
+        return [(*keys.parse_queue_entry(m.decode()), int(score)) for m, score in raw]
 
     async def stats(self, model: str) -> tuple[int, float]:
         """(compute units queued for `model`, compute units per second served over about a minute)."""
@@ -88,7 +192,9 @@ class Queues:
         queued, rate = (v.decode() for v in result)
         return int(float(queued)), float(rate)
 
-    async def claim(self, worker_id: str, models: Sequence[str], lease_ms: int) -> Claim | None:
+    async def claim(
+        self, worker_id: str, models: Sequence[str], lease_ms: int, free_vram_bytes: int = 0
+    ) -> Claim | None:
         if not models:
             return None
         result = await self._dispatch(
@@ -96,6 +202,7 @@ class Queues:
             worker_id,
             lease_ms,
             next(self._rotation) % len(models),
+            free_vram_bytes,
             len(models),
             *models,
         )
@@ -114,19 +221,22 @@ class Queues:
             )
         )
 
-    async def requeue(self, attempt: int, job: QueuedJob) -> bool:
-        """Gives a leased job back: it goes to the head of its tenant's line, with no new deadline."""
-        if not await self.release(job.tenant, job.job_id, attempt, finished=False):
-            return False
-        await self.enqueue(QueuedJob(job.tenant, job.tier, job.job_id, job.model, job.cost), front=True)
-        return True
-
-    async def renew(self, worker_id: str, held: Sequence[tuple[str, str, int]], lease_ms: int) -> int:
+    async def renew(
+        self, worker_id: str, held: Sequence[tuple[str, str, int]], lease_ms: int
+    ) -> list[tuple[str, str, int]]:
+        """Extends the leases `worker_id` still holds; returns those it no longer holds."""
         if not held:
-            return 0
-        return int(
-            await self._scripts.renew(
-                keys=[keys.leases(), keys.lease_owners()],
-                args=[worker_id, lease_ms, *(f"{keys.queue_entry(t, j)}|{a}" for t, j, a in held)],
-            )
+            return []
+        lost = await self._scripts.renew(
+            keys=[keys.leases(), keys.lease_owners()],
+            args=[worker_id, lease_ms, *(f"{keys.queue_entry(t, j)}|{a}" for t, j, a in held)],
         )
+        out = []
+        for item in lost:
+            entry, _, attempt = item.decode().rpartition("|")
+            out.append((*keys.parse_queue_entry(entry), int(attempt)))
+        return out
+
+
+def intent_member(kind: str, tenant: str, job_id: str) -> str:
+    return f"{kind}|{keys.queue_entry(tenant, job_id)}"

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
+from typing import Any
 
-from libs.jobs import Artifact, JobError, JobRecord, State, TextToImage
+from libs.jobs import Artifact, Attempt, AttemptOutcome, JobError, JobRecord, Route, State, TextToImage
+from libs.ratelimit import CU_POLICIES, Policy
 
 
 def spec_fields(spec: TextToImage) -> dict[str, str]:
@@ -20,6 +23,39 @@ def error_field(error: JobError) -> str:
     return json.dumps(dataclasses.asdict(error), ensure_ascii=False, separators=(",", ":"))
 
 
+def attempt_open(attempt: int, worker: str, route: Route) -> str:
+    """The attempt entry the transition script appends (it adds start_ms)."""
+    return json.dumps(
+        {"attempt": attempt, "worker": worker, "route": route.value, "outcome": AttemptOutcome.RUNNING.value},
+        separators=(",", ":"),
+    )
+
+
+def attempt_close(outcome: AttemptOutcome, error: JobError | None = None) -> str:
+    """What the transition script merges into the open attempt (it adds end_ms)."""
+    closing: dict[str, object] = {"outcome": outcome.value}
+    if error is not None:
+        closing["error"] = dataclasses.asdict(error)
+    return json.dumps(closing, ensure_ascii=False, separators=(",", ":"))
+
+
+def failures_field(failures: dict[str, int]) -> str:
+    return json.dumps(failures, sort_keys=True, separators=(",", ":"))
+
+
+def _attempt(raw: dict[str, Any]) -> Attempt:
+    error = raw.get("error")
+    return Attempt(
+        attempt=int(raw["attempt"]),
+        worker=str(raw.get("worker", "")),
+        route=Route(raw.get("route", Route.STANDARD.value)),
+        outcome=AttemptOutcome(raw.get("outcome", AttemptOutcome.RUNNING.value)),
+        error=JobError(**error) if isinstance(error, dict) else None,
+        start_ms=int(raw.get("start_ms", 0)),
+        end_ms=int(raw.get("end_ms", 0)),
+    )
+
+
 def new_job_fields(
     job_id: str,
     tenant: str,
@@ -28,7 +64,10 @@ def new_job_fields(
     traceparent: str,
     tier: str,
     queue_timeout_ms: int,
+    policies: Sequence[Policy] = (),
 ) -> dict[str, str]:
+    # What a refund may give back: each compute-unit policy's unit time, as charged at admission.
+    charges = {p.name: p.interval_ms for p in policies if p.name in CU_POLICIES}
     return {
         "id": job_id,
         "tenant": tenant,
@@ -40,6 +79,7 @@ def new_job_fields(
         "traceparent": traceparent,
         "tier": tier,
         "queue_timeout_ms": str(queue_timeout_ms),
+        "charges": json.dumps(charges, separators=(",", ":")),
         **spec_fields(spec),
     }
 
@@ -65,7 +105,19 @@ def from_fields(fields: dict[str, str]) -> JobRecord:
         tier=fields.get("tier", ""),
         cost=int(fields.get("cost", 0)),
         queue_timeout_ms=int(fields.get("queue_timeout_ms", 0)),
+        attempts=tuple(_attempt(a) for a in _json_list(fields.get("attempts"))),
+        route=Route(fields.get("route") or Route.STANDARD.value),
+        failures={str(k): int(v) for k, v in json.loads(fields.get("failures") or "{}").items()},
+        min_vram_bytes=int(fields.get("min_vram_bytes") or 0),
+        dead_letter=fields.get("dead_letter") == "1",
+        refunded=fields.get("refunded") == "1",
     )
+
+
+def _json_list(text: str | None) -> list[dict[str, Any]]:
+    # cjson encodes an empty array as an empty object.
+    value = json.loads(text or "[]")
+    return value if isinstance(value, list) else []
 
 
 def decode(raw: dict[bytes, bytes] | list[bytes]) -> dict[str, str]:

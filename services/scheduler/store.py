@@ -15,8 +15,9 @@ from typing import Any
 from redis.asyncio import Redis
 
 from libs import redis_keys as keys
-from libs.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
-from libs.jobs import Artifact, JobError, JobRecord, State, TextToImage, new_job_id
+from libs.errors import FailedPrecondition, Internal, InvalidArgument, NotFound, RequestIdReused
+from libs.jobs import Artifact, AttemptOutcome, JobError, JobRecord, Route, State, TextToImage, new_job_id
+from libs.ratelimit import CU_POLICIES
 from services.scheduler import records
 from services.scheduler.admission import Terms, refusal
 from services.scheduler.scripts import Scripts
@@ -67,13 +68,15 @@ class JobStore:
         terms: Terms,
         *,
         request_id: str = "",
+        api_key_id: str = "",
         fingerprint: str = "",
         traceparent: str = "",
         queue_timeout_ms: int = 0,
+        job_id: str = "",
     ) -> tuple[JobRecord, bool]:
         """Admits and creates the job under `terms`, or raises the refusal; returns the job and
-        whether it is new (False: replayed for the same request_id, not charged again)."""
-        job_id = new_job_id()
+        whether it is new (False: replayed for the same request_id and API key, not charged again)."""
+        job_id = job_id or new_job_id()
         fingerprint = (
             fingerprint
             or hashlib.sha256(
@@ -81,44 +84,47 @@ class JobStore:
             ).hexdigest()
         )
         fields = records.new_job_fields(
-            job_id, tenant, model, spec, traceparent, terms.tier, queue_timeout_ms
+            job_id, tenant, model, spec, traceparent, terms.tier, queue_timeout_ms, terms.policies
         )
         flat = [item for pair in fields.items() for item in pair]
-        status, found_id = await self._admit(tenant, job_id, terms, request_id, fingerprint, flat)
+        request_key = keys.request_id(tenant, api_key_id, request_id) if request_id else ""
+        status, found_id = await self._admit(tenant, job_id, terms, request_key, fingerprint, flat)
         if status == "MISMATCH":
-            raise FailedPrecondition(
-                f"request_id {request_id!r} was already used for a different job",
-                reason="REQUEST_ID_REUSED",
+            raise RequestIdReused(
+                f"request_id {request_id!r} was already used for a different job (jobs/{found_id}); "
+                "send a new request_id for a new job",
                 metadata={"request_id": request_id, "job": f"jobs/{found_id}"},
             )
         if status == "DUPLICATE_ID":
             raise Internal(f"job id collision on {found_id}")
         return await self.get(tenant, found_id), status == "CREATED"
 
-    async def replayed(self, tenant: str, request_id: str) -> bool:
-        """Whether `request_id` already made a job (create then returns it, whatever the limits)."""
-        return bool(await self._redis.exists(keys.request_id(tenant, request_id)))
+    async def replayed(self, tenant: str, api_key_id: str, request_id: str) -> bool:
+        """Whether `request_id` from this API key already made a job (create then returns it,
+        whatever the limits)."""
+        return bool(await self._redis.exists(keys.request_id(tenant, api_key_id, request_id)))
 
     async def check(self, tenant: str, terms: Terms) -> None:
         """Raises the refusal CreateJob would meet now; writes nothing."""
         await self._admit(tenant, "", terms, "", "", [])
 
     async def _admit(
-        self, tenant: str, job_id: str, terms: Terms, request_id: str, fingerprint: str, fields: list[str]
+        self, tenant: str, job_id: str, terms: Terms, request_key: str, fingerprint: str, fields: list[str]
     ) -> tuple[str, str]:
-        """Runs the create script (a dry run for an empty job id); raises its refusals."""
+        """Runs the create script (a dry run for an empty job id); raises its refusals.
+        `request_key` is the request id's Redis key, or empty when the call has none."""
         result = await self._scripts.create_job(
             keys=[
                 keys.job(tenant, job_id or "dry-run"),
                 keys.job_events(tenant, job_id or "dry-run"),
                 keys.tenant_jobs(tenant),
-                keys.request_id(tenant, request_id),
+                request_key or keys.request_id(tenant, "", ""),  # a dummy in the slot when unused
                 keys.usage(tenant),
                 *(keys.rate_policy(tenant, p.name) for p in terms.policies),
             ],
             args=[
                 job_id,
-                str(REQUEST_ID_TTL_S if request_id else 0),
+                str(REQUEST_ID_TTL_S if request_key else 0),
                 fingerprint,
                 str(terms.cost),
                 str(terms.max_in_flight),
@@ -181,14 +187,21 @@ class JobStore:
         fields: dict[str, str] | None = None,
         blobs: Sequence[tuple[str, bytes]] = (),
         unless_cancel_requested: bool = False,
+        attempt_open: str = "",
+        attempt_close: str = "",
+        refund: bool = False,
     ) -> Outcome:
+        """One fenced change (lua/transition.lua). `refund` gives the job's compute units back to
+        the rate policies, once, when the change ends the job."""
         terminal = new_state is not None and new_state.terminal
         flat = [item for pair in (fields or {}).items() for item in pair]
+        refund_keys = [keys.rate_policy(tenant, name) for name in CU_POLICIES] if refund else []
         result = await self._scripts.transition(
             keys=[
                 keys.job(tenant, job_id),
                 keys.job_events(tenant, job_id),
                 keys.usage(tenant),
+                *refund_keys,
                 *(k for k, _ in blobs),
             ],
             args=[
@@ -199,6 +212,10 @@ class JobStore:
                 str(self._job_ttl_s if terminal else 0),
                 "1" if unless_cancel_requested else "0",
                 str(self._artifact_ttl_s),
+                attempt_open,
+                attempt_close,
+                str(len(refund_keys)),
+                str(len(blobs)),
                 *(b for _, b in blobs),
                 *flat,
             ],
@@ -206,15 +223,19 @@ class JobStore:
         status, detail = (v.decode() for v in result)
         return Outcome(status, detail)
 
-    async def end_queued(self, tenant: str, job_id: str, state: State, error: JobError) -> Outcome:
-        """Ends a job that never ran (cancelled or expired while queued)."""
+    async def end_queued(
+        self, tenant: str, job_id: str, state: State, error: JobError, *, dead_letter: bool = False
+    ) -> Outcome:
+        """Ends a job that is not on a worker (cancelled, expired, or its model cannot load
+        anywhere); it never finished running, so its compute units are refunded."""
         return await self.transition(
             tenant,
             job_id,
             allowed=State.QUEUED.value,
             new_state=state,
             stamp="end_ms",
-            fields={"error": records.error_field(error)},
+            fields={"error": records.error_field(error), "dead_letter": "1" if dead_letter else ""},
+            refund=True,
         )
 
     async def cancel(self, tenant: str, job_id: str) -> tuple[JobRecord, bool]:
@@ -237,7 +258,7 @@ class JobStore:
             await self.get(tenant, job_id)  # raises NotFound
         return await self.get(tenant, job_id), running
 
-    async def start(self, tenant: str, job_id: str, attempt: int, worker_id: str) -> Outcome:
+    async def start(self, tenant: str, job_id: str, attempt: int, worker_id: str, route: Route) -> Outcome:
         return await self.transition(
             tenant,
             job_id,
@@ -246,6 +267,7 @@ class JobStore:
             new_state=State.RUNNING,
             stamp="start_ms",
             fields={"attempt": str(attempt), "worker": worker_id, "step": "0"},
+            attempt_open=records.attempt_open(attempt, worker_id, route),
         )
 
     async def progress(self, tenant: str, job_id: str, attempt: int, step: int, total: int) -> Outcome:
@@ -272,13 +294,17 @@ class JobStore:
             fields={"artifacts": records.artifacts_field([a for a, _ in images])},
             blobs=[(keys.artifact(tenant, job_id, a.index), data) for a, data in images],
             unless_cancel_requested=True,
+            attempt_close=records.attempt_close(AttemptOutcome.SUCCEEDED),
         )
         if outcome.status != "CANCEL_REQUESTED":
             return outcome
         record = await self.get(tenant, job_id)
         return await self.cancelled(tenant, job_id, attempt, record.step)
 
-    async def fail(self, tenant: str, job_id: str, attempt: int, error: JobError) -> Outcome:
+    async def fail(
+        self, tenant: str, job_id: str, attempt: int, error: JobError, *, dead_letter: bool = False
+    ) -> Outcome:
+        """Ends the job FAILED; no images came of it, so its compute units are refunded."""
         return await self.transition(
             tenant,
             job_id,
@@ -286,7 +312,9 @@ class JobStore:
             allowed=State.RUNNING.value,
             new_state=State.FAILED,
             stamp="end_ms",
-            fields={"error": records.error_field(error)},
+            fields={"error": records.error_field(error), "dead_letter": "1" if dead_letter else ""},
+            attempt_close=records.attempt_close(AttemptOutcome.FAILED, error),
+            refund=True,
         )
 
     async def cancelled(self, tenant: str, job_id: str, attempt: int, step: int) -> Outcome:
@@ -299,17 +327,57 @@ class JobStore:
             new_state=State.CANCELLED,
             stamp="end_ms",
             fields={"error": records.error_field(error), "step": str(step)},
+            attempt_close=records.attempt_close(AttemptOutcome.CANCELLED, error),
         )
 
-    async def back_to_queue(self, tenant: str, job_id: str, attempt: int) -> Outcome:
-        """A worker went away mid-job: the job waits for the next one."""
+    async def retry(
+        self,
+        tenant: str,
+        job_id: str,
+        attempt: int,
+        error: JobError | None,
+        *,
+        route: Route,
+        failures: dict[str, int],
+        min_vram_bytes: int = 0,
+    ) -> Outcome:
+        """Puts a job its worker failed on, or handed back (`error` None), back in the QUEUED state
+        for another attempt along `route`."""
         return await self.transition(
             tenant,
             job_id,
             attempt=f"={attempt}",
             allowed=State.RUNNING.value,
             new_state=State.QUEUED,
-            fields={"step": "0", "worker": ""},
+            fields={
+                "step": "0",
+                "worker": "",
+                "route": route.value,
+                "failures": records.failures_field(failures),
+                "min_vram_bytes": str(min_vram_bytes),
+            },
+            attempt_close=records.attempt_close(
+                AttemptOutcome.RELEASED if error is None else AttemptOutcome.FAILED, error
+            ),
+        )
+
+    async def reopen(self, tenant: str, job_id: str) -> Outcome:
+        """A dead letter an operator requeues: FAILED to QUEUED, its failure counts reset."""
+        return await self.transition(
+            tenant,
+            job_id,
+            allowed=State.FAILED.value,
+            new_state=State.QUEUED,
+            fields={
+                "error": "",
+                "end_ms": "0",
+                "step": "0",
+                "worker": "",
+                "dead_letter": "",
+                "route": Route.STANDARD.value,
+                "failures": "{}",
+                "min_vram_bytes": "0",
+            },
         )
 
     async def events(

@@ -1,23 +1,29 @@
-"""One worker's stream: hand it jobs while it has free slots, and record what it reports.
+"""One worker's stream: hand it jobs while it has room, and record what it reports.
 
 Every report carries the job's attempt; the store ignores reports from an attempt that is no
-longer current, so a late message from a worker that lost its lease changes nothing.
+longer current, so a late message from a worker that lost its lease changes nothing. Heartbeats
+keep the leases of the jobs the worker says it holds; a lease it no longer holds comes back to it
+as a cancel, so it stops spending the GPU on a job that now runs elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
-from collections.abc import Awaitable
+import time
 from dataclasses import dataclass, field
 
-from libs.jobs import Artifact, JobError, JobRecord
+from libs.errors import NotFound
+from libs.jobs import Artifact, JobError, JobRecord, Route, State
 from libs.telemetry import context_from, traceparent_of, tracer
 from services.scheduler.hub import Hub
-from services.scheduler.queues import Queues, queued
-from services.scheduler.store import JobStore, Outcome
+from services.scheduler.queues import Queues
+from services.scheduler.recovery import Recovery
+from services.scheduler.registry import Registry, WorkerInfo
+from services.scheduler.store import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +32,8 @@ log = logging.getLogger(__name__)
 class ActiveJob:
     record: JobRecord
     attempt: int
+    assigned_s: float
+    started: bool = False
     chunks: dict[int, bytearray] = field(default_factory=dict)
 
     @property
@@ -43,6 +51,8 @@ class AssignJob:
     attempt: int
     lease_expire_ms: int
     traceparent: str
+    route: Route
+    execution_timeout_ms: int
 
 
 @dataclass(frozen=True)
@@ -54,32 +64,45 @@ class CancelJob:
 Outgoing = AssignJob | CancelJob
 
 
+@dataclass(frozen=True)
+class LinkConfig:
+    lease_ms: int
+    poll_s: float
+    heartbeat_s: float
+    execution_timeout_ms: int
+
+
 class WorkerLink:
     """Transport-free: the servicer feeds it decoded reports and drains `outbox`."""
 
     def __init__(
         self,
+        info: WorkerInfo,
         *,
-        worker_id: str,
-        models: list[str],
-        slots: int,
+        capacity: int,
         store: JobStore,
         queues: Queues,
         hub: Hub,
-        lease_ms: int,
-        poll_s: float,
+        recovery: Recovery,
+        registry: Registry,
+        config: LinkConfig,
     ) -> None:
-        self.worker_id = worker_id
-        self.models = models
+        self.info = info
         self.outbox: asyncio.Queue[Outgoing] = asyncio.Queue()
-        self._credits = slots
+        self._credits = capacity
         self._store = store
         self._queues = queues
         self._hub = hub
-        self._lease_ms = lease_ms
-        self._poll_s = poll_s
+        self._recovery = recovery
+        self._registry = registry
+        self._config = config
         self._active: dict[str, ActiveJob] = {}
         self._poked = asyncio.Event()
+        self.draining = False
+
+    @property
+    def worker_id(self) -> str:
+        return self.info.worker_id
 
     # Hub callbacks ------------------------------------------------------------------------------
     def poke(self) -> None:
@@ -92,29 +115,44 @@ class WorkerLink:
 
     # Dispatch -----------------------------------------------------------------------------------
     async def dispatch_forever(self) -> None:
+        await self._registry.report(self.info)
         while True:
             self._poked.clear()
-            while self._credits > 0 and await self._assign_next():
+            while self._credits > 0 and not self.draining and await self._assign_next():
                 pass
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poked.wait(), timeout=self._poll_s)
+                await asyncio.wait_for(self._poked.wait(), timeout=self._config.poll_s)
 
     async def _assign_next(self) -> bool:
-        claim = await self._queues.claim(self.worker_id, self.models, self._lease_ms)
+        claim = await self._queues.claim(
+            self.worker_id, self.info.models, self._config.lease_ms, self.info.vram_free_bytes
+        )
         if claim is None:
             return False
-        started = await self._store.start(claim.tenant, claim.job_id, claim.attempt, self.worker_id)
-        if not started.ok:
-            # Cancelled (or otherwise ended) while it sat in the queue: never run it.
+        try:
+            record = await self._store.get(claim.tenant, claim.job_id)
+        except NotFound:
             await self._queues.release(claim.tenant, claim.job_id, claim.attempt, finished=True)
             return True
-        record = await self._store.get(claim.tenant, claim.job_id)
+        started = await self._store.start(
+            claim.tenant, claim.job_id, claim.attempt, self.worker_id, record.route
+        )
+        if not started.ok:
+            # Cancelled (or otherwise ended) while it waited: never run it.
+            await self._queues.release(claim.tenant, claim.job_id, claim.attempt, finished=True)
+            return True
+        record = dataclasses.replace(record, state=State.RUNNING, attempt=claim.attempt)
         self._credits -= 1
-        self._active[claim.job_id] = ActiveJob(record, claim.attempt)
+        self._active[claim.job_id] = ActiveJob(record, claim.attempt, time.monotonic())
         self._hub.running(claim.tenant, claim.job_id, self)
         self.outbox.put_nowait(
             AssignJob(
-                record, claim.attempt, claim.lease_expire_ms, self._trace_queue_wait(record, claim.attempt)
+                record,
+                claim.attempt,
+                claim.lease_expire_ms,
+                self._trace_queue_wait(record, claim.attempt),
+                record.route,
+                self._config.execution_timeout_ms,
             )
         )
         return True
@@ -130,6 +168,7 @@ class WorkerLink:
                 "kiln.attempt": attempt,
                 "kiln.model": record.model,
                 "kiln.worker": self.worker_id,
+                "kiln.route": record.route.value,
             },
         )
         span.end()
@@ -143,14 +182,34 @@ class WorkerLink:
             return None
         return job
 
-    async def heartbeat(self) -> None:
-        held = [(j.tenant, j.job_id, j.attempt) for j in self._active.values()]
-        await self._queues.renew(self.worker_id, held, self._lease_ms)
+    async def heartbeat(self, held: list[tuple[str, int]], info: WorkerInfo) -> None:
+        """Renews what the worker says it holds and we handed it; what it lost goes back to it as a
+        cancel, and what it does not hold any more (well after handing it over) is forgotten, its
+        lease left to expire."""
+        self.info = info
+        await self._registry.report(info)
+        reported = set(held)
+        renew = []
+        now = time.monotonic()
+        for job in list(self._active.values()):
+            if (job.job_id, job.attempt) in reported:
+                renew.append((job.tenant, job.job_id, job.attempt))
+            elif now - job.assigned_s > 2 * self._config.heartbeat_s:
+                log.warning("worker %s no longer holds jobs/%s", self.worker_id, job.job_id)
+                self._forget(job)
+        for tenant, job_id, attempt in await self._queues.renew(self.worker_id, renew, self._config.lease_ms):
+            log.warning("jobs/%s attempt %d lost its lease on %s", job_id, attempt, self.worker_id)
+            self.outbox.put_nowait(CancelJob(job_id, attempt))
+            lost = self._active.get(job_id)
+            if lost is not None and lost.attempt == attempt and lost.tenant == tenant:
+                self._forget(lost)
 
     async def progress(self, job_id: str, attempt: int, step: int, total: int) -> None:
         job = self._current(job_id, attempt)
         if job is not None:
-            await self._store.progress(job.tenant, job_id, attempt, step, total)
+            job.started = True
+            if step > 0:  # step 0 only says the run began: the job already shows RUNNING at step 0
+                await self._store.progress(job.tenant, job_id, attempt, step, total)
 
     def chunk(self, job_id: str, attempt: int, index: int, data: bytes) -> None:
         job = self._current(job_id, attempt)
@@ -165,49 +224,73 @@ class WorkerLink:
         for image in images:
             data = bytes(job.chunks.get(image.index, b""))
             if len(data) != image.size_bytes or hashlib.sha256(data).hexdigest() != image.sha256:
-                await self._end(
-                    job,
-                    self._store.fail(
-                        job.tenant,
-                        job_id,
-                        attempt,
-                        JobError(
-                            "INTERNAL",
-                            "result corrupted in transit",
-                            "INVALID_OUTPUT",
-                            {"index": str(image.index)},
-                        ),
-                    ),
+                error = JobError(
+                    "INTERNAL", "result corrupted in transit", "INVALID_OUTPUT", {"index": str(image.index)}
                 )
+                await self.failed(job_id, attempt, error)
                 return
             stored.append((image, data))
-        await self._end(job, self._store.succeed(job.tenant, job_id, attempt, stored))
+        try:
+            outcome = await self._store.succeed(job.tenant, job_id, attempt, stored)
+            if outcome.ok:
+                log.info("accepted result of jobs/%s attempt %d from %s", job_id, attempt, self.worker_id)
+            await self._queues.release(job.tenant, job_id, attempt, finished=True)
+        finally:
+            self._forget(job)
 
     async def failed(self, job_id: str, attempt: int, error: JobError) -> None:
         job = self._current(job_id, attempt)
-        if job is not None:
-            await self._end(job, self._store.fail(job.tenant, job_id, attempt, error))
+        if job is None:
+            return
+        try:
+            record = await self._store.get(job.tenant, job_id)
+            await self._recovery.failed(record, attempt, error)
+        finally:
+            self._forget(job)
 
     async def cancelled(self, job_id: str, attempt: int, step: int) -> None:
         job = self._current(job_id, attempt)
-        if job is not None:
-            await self._end(job, self._store.cancelled(job.tenant, job_id, attempt, step))
-
-    async def _end(self, job: ActiveJob, record_outcome: Awaitable[Outcome]) -> None:
+        if job is None:
+            return
         try:
-            await record_outcome
-            await self._queues.release(job.tenant, job.job_id, job.attempt, finished=True)
+            outcome = await self._store.cancelled(job.tenant, job_id, attempt, step)
+            if outcome.ok or outcome.detail in ("SUCCEEDED", "FAILED", "CANCELLED", ""):
+                await self._queues.release(job.tenant, job_id, attempt, finished=True)
         finally:
-            self._active.pop(job.job_id, None)
+            self._forget(job)
+
+    async def released(self, job_id: str, attempt: int) -> None:
+        job = self._current(job_id, attempt)
+        if job is None:
+            return
+        try:
+            await self._recovery.release(await self._store.get(job.tenant, job_id), attempt)
+        finally:
+            self._forget(job)
+
+    def drain(self) -> None:
+        """The worker is shutting down: hand it nothing more."""
+        self.draining = True
+
+    def _forget(self, job: ActiveJob) -> None:
+        if self._active.get(job.job_id) is job:
+            del self._active[job.job_id]
             self._hub.finished(job.tenant, job.job_id)
             self._credits += 1
             self.poke()
 
-    async def close(self) -> None:
-        """The worker went away: its unfinished jobs go back to the head of their queues."""
+    async def close(self, *, shutting_down: bool = False) -> None:
+        """The stream ended. Jobs the worker had started count a crash against them (it may have
+        died of one), unless this scheduler is the one going away; the rest go back for free."""
         for job in list(self._active.values()):
-            moved = await self._store.back_to_queue(job.tenant, job.job_id, job.attempt)
-            if moved.ok:
-                await self._queues.requeue(job.attempt, queued(job.record))
+            try:
+                record = await self._store.get(job.tenant, job.job_id)
+            except NotFound:
+                await self._queues.release(job.tenant, job.job_id, job.attempt, finished=True)
+                continue
+            if record.state is State.RUNNING and record.attempt == job.attempt:
+                started = job.started and not shutting_down
+                await self._recovery.lost(record, job.attempt, self.worker_id, started=started)
             self._hub.finished(job.tenant, job.job_id)
         self._active.clear()
+        await self._registry.forget(self.worker_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from typing import Any
 
@@ -17,19 +18,40 @@ from libs.jobs import Artifact
 from libs.settings import SchedulerSettings
 from services.scheduler.hub import Hub
 from services.scheduler.queues import Queues
+from services.scheduler.recovery import Recovery
+from services.scheduler.registry import Registry, WorkerInfo
 from services.scheduler.store import JobStore
-from services.scheduler.worker_link import AssignJob, WorkerLink
+from services.scheduler.worker_link import AssignJob, LinkConfig, WorkerLink
 
 log = logging.getLogger(__name__)
 
 
 class WorkerService(pb_grpc.WorkerServiceServicer):
-    def __init__(self, store: JobStore, queues: Queues, hub: Hub, settings: SchedulerSettings) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        queues: Queues,
+        hub: Hub,
+        recovery: Recovery,
+        registry: Registry,
+        settings: SchedulerSettings,
+    ) -> None:
         self._store = store
         self._queues = queues
         self._hub = hub
-        self._settings = settings
+        self._recovery = recovery
+        self._registry = registry
+        self._config = LinkConfig(
+            lease_ms=int(settings.lease_seconds * 1000),
+            poll_s=settings.dispatch_poll_seconds,
+            heartbeat_s=settings.heartbeat_interval_ms / 1000,
+            execution_timeout_ms=int(settings.execution_timeout_seconds * 1000),
+        )
+        self._heartbeat_ms = settings.heartbeat_interval_ms
         self._closing: set[asyncio.Task[None]] = set()
+        self._links: set[WorkerLink] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self.shutting_down = False
 
     # Uses context.read()/write() rather than an async generator: reads and writes run in
     # separate tasks, and the stubs only describe the generator form.
@@ -39,30 +61,43 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         first = await context.read()
         if first is grpc.aio.EOF or first.WhichOneof("kind") != "register":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the first message must be register")
+        if self.shutting_down:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "this scheduler is shutting down")
         reg = first.register
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._handlers.add(handler)
+            handler.add_done_callback(self._handlers.discard)
         link = WorkerLink(
-            worker_id=reg.worker_id,
-            models=list(reg.models),
-            slots=max(1, reg.slots),
+            WorkerInfo(
+                worker_id=reg.worker_id,
+                models=tuple(reg.models),
+                failed_models={f.model: f.message for f in reg.failed_models},
+                vram_total_bytes=reg.vram_total_bytes,
+                vram_free_bytes=reg.vram_free_bytes,
+            ),
+            capacity=max(1, reg.slots) + max(0, reg.prefetch),
             store=self._store,
             queues=self._queues,
             hub=self._hub,
-            lease_ms=int(self._settings.lease_seconds * 1000),
-            poll_s=self._settings.dispatch_poll_seconds,
+            recovery=self._recovery,
+            registry=self._registry,
+            config=self._config,
         )
         log.info(
-            "worker %s connected: models=%s device=%s slots=%d",
+            "worker %s connected: models=%s failed=%s device=%s slots=%d prefetch=%d",
             reg.worker_id,
             list(reg.models),
+            [f.model for f in reg.failed_models],
             reg.device,
             reg.slots,
+            reg.prefetch,
         )
         await context.write(
-            pb.ConnectResponse(
-                registered=pb.Registered(heartbeat_interval_ms=self._settings.heartbeat_interval_ms)
-            )
+            pb.ConnectResponse(registered=pb.Registered(heartbeat_interval_ms=self._heartbeat_ms))
         )
         self._hub.attach(link)
+        self._links.add(link)
         tasks = [
             asyncio.create_task(self._read(link, context), name=f"read-{reg.worker_id}"),
             asyncio.create_task(link.dispatch_forever(), name=f"dispatch-{reg.worker_id}"),
@@ -78,16 +113,28 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self._hub.detach(link)
+            self._links.discard(link)
             # Requeueing must finish even if this handler is being cancelled; `drain` awaits it.
-            closing = asyncio.create_task(link.close(), name=f"close-{reg.worker_id}")
+            closing = asyncio.create_task(
+                link.close(shutting_down=self.shutting_down), name=f"close-{reg.worker_id}"
+            )
             self._closing.add(closing)
             closing.add_done_callback(self._closing.discard)
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(closing)
             log.info("worker %s disconnected", reg.worker_id)
 
+    def stop_dispatch(self) -> None:
+        """Shutdown begins: no worker is handed anything more by this replica."""
+        self.shutting_down = True
+        for link in self._links:
+            link.drain()
+
     async def drain(self) -> None:
-        """Waits for disconnected workers' jobs to be requeued."""
+        """Waits for every stream's handler to end and its worker's jobs to be handed back (the
+        server's stop cancels the handlers; their clean-up runs after it returns)."""
+        if self._handlers:
+            await asyncio.wait(self._handlers, timeout=5)
         await asyncio.gather(*self._closing, return_exceptions=True)
 
     async def _read(self, link: WorkerLink, context: grpc.aio.ServicerContext[Any, Any]) -> None:
@@ -97,7 +144,14 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 return
             kind = msg.WhichOneof("kind")
             if kind == "heartbeat":
-                await link.heartbeat()
+                beat = msg.heartbeat
+                info = dataclasses.replace(
+                    link.info,
+                    models=tuple(beat.models),
+                    failed_models={f.model: f.message for f in beat.failed_models},
+                    vram_free_bytes=beat.vram_free_bytes,
+                )
+                await link.heartbeat([(j.job_id, j.attempt) for j in beat.jobs], info)
             elif kind == "progress":
                 p = msg.progress
                 await link.progress(p.job_id, p.attempt, p.step, p.total_steps)
@@ -116,6 +170,11 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             elif kind == "cancelled":
                 c2 = msg.cancelled
                 await link.cancelled(c2.job_id, c2.attempt, c2.step)
+            elif kind == "released":
+                await link.released(msg.released.job_id, msg.released.attempt)
+            elif kind == "draining":
+                log.info("worker %s is draining", link.worker_id)
+                link.drain()
 
     async def _write(self, link: WorkerLink, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         while True:
@@ -131,11 +190,15 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
 def _assignment(out: AssignJob) -> pb.Assignment:
     expire = timestamp_pb2.Timestamp()
     expire.FromMilliseconds(out.lease_expire_ms)
-    return pb.Assignment(
+    assignment = pb.Assignment(
         job_id=out.record.id,
         attempt=out.attempt,
         model=out.record.model,
         text_to_image=spec_to_pb(out.record.spec),
         lease_expire_time=expire,
         traceparent=out.traceparent,
+        options=pb.RunOptions(memory_savers=out.route.memory_savers, full_precision=out.route.full_precision),
     )
+    if out.execution_timeout_ms:
+        assignment.execution_timeout.FromMilliseconds(out.execution_timeout_ms)
+    return assignment

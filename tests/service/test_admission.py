@@ -85,7 +85,7 @@ async def schedulers(stack: Stack) -> AsyncIterator[list[str]]:
         await app.start()
     yield [f"127.0.0.1:{app.port}" for app in [stack.scheduler, *extra]]
     for app in extra:
-        await app.stop(0)
+        await app.stop()
 
 
 async def test_burst_of_five_admits_exactly_five_across_four_schedulers(schedulers: list[str]) -> None:

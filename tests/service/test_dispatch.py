@@ -143,6 +143,8 @@ async def test_a_queued_job_expires_on_time_while_the_only_worker_is_busy(stack:
             redis_url=stack.redis_url,
             scheduler_address=f"127.0.0.1:{stack.scheduler.port}",
             worker_slots=1,
+            # Nothing held in reserve: the waiting job must stay in the queue, where it times out.
+            worker_prefetch=0,
             worker_id="solo-worker",
             models=stack.scheduler.settings.models,
             worker_models=["solo"],

@@ -14,7 +14,7 @@ from kiln.v1 import job_service_pb2 as pb
 from kiln.v1 import job_service_pb2_grpc as pb_grpc
 from redis.asyncio import Redis
 
-from libs.jobs import Artifact, State, TextToImage
+from libs.jobs import Artifact, Route, State, TextToImage
 from libs.sdk.client import KilnClient
 from libs.tiers import DEFAULT_TIERS
 from services.scheduler.admission import terms
@@ -86,7 +86,7 @@ async def test_request_id_retry_without_a_seed_returns_the_same_job(stack: Stack
     assert {status for status, _ in statuses_and_jobs} == {200}
     assert len({job["name"] for _, job in statuses_and_jobs}) == 1
     status, error = await _post(stack, {**body, "textToImage": {"prompt": "other"}}, "?requestId=retry-1")
-    assert status == 409
+    assert status == 422
     assert error["error"]["details"][0]["reason"] == "REQUEST_ID_REUSED"
     status, error = await _post(stack, body, "?requestId=has%20space")
     assert status == 400
@@ -173,7 +173,7 @@ async def test_a_cancel_accepted_while_running_wins_over_a_late_success(stack: S
     try:
         spec = TextToImage("p", "", 64, 64, 4, 7.5, 1, 1)
         record, _ = await store.create("tenant-race", "tiny-sd", spec, terms("pro", DEFAULT_TIERS["pro"], 1))
-        assert (await store.start("tenant-race", record.id, 1, "w")).ok
+        assert (await store.start("tenant-race", record.id, 1, "w", Route.STANDARD)).ok
         after_cancel, running = await store.cancel("tenant-race", record.id)
         assert running and after_cancel.state is State.RUNNING and after_cancel.cancel_requested
         image = Artifact(0, "image/png", 3, "00", 1, 64, 64)

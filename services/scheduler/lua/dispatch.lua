@@ -11,8 +11,11 @@
 -- V_tier) + cost. Serving the smallest finish tag shares CU by weight across tiers and equally
 -- across a tier's tenants; starting from V means idling banks no credit and a newcomer goes
 -- within one round. Whichever replica runs it, a claim is one step.
--- KEYS: leases, lease_owners, attempts, deadlines
--- ARGV[1] op (enqueue | claim | remove | expire), [2] key prefix, [3] n tier weights,
+--   <P>lane:<m>               zset  retries that need a worker with more free VRAM, scored by the
+--                                   bytes they need: "<tier>|<tenant>|<job id> <cost>"
+-- KEYS: leases, lease_owners, attempts, deadlines, delayed (retries waiting out their backoff),
+-- intents (cross-slot changes in progress, for the reaper to finish), dead_letters
+-- ARGV[1] op, [2] key prefix, [3] n tier weights,
 -- [4 .. 3+2n] tier/weight pairs, then the op's arguments
 local P = ARGV[2]
 local weights = {}
@@ -105,34 +108,174 @@ end
 
 local op = ARGV[1]
 
-if op == "enqueue" then
-  -- model, tier, tenant, job id, cost, front (0/1), queue timeout ms (0: none)
-  local model, tier, tenant = ARGV[A], ARGV[A + 1], ARGV[A + 2]
-  local item = ARGV[A + 3] .. " " .. ARGV[A + 4]
+local function push(model, tier, tenant, item, front)
   local _, _, list, vt = names(model, tier, tenant)
-  if ARGV[A + 5] == "1" then redis.call("LPUSH", list, item) else redis.call("RPUSH", list, item) end
-  redis.call("HINCRBY", vt, "queued_cu", tonumber(ARGV[A + 4]))
+  if front then redis.call("LPUSH", list, item) else redis.call("RPUSH", list, item) end
+  redis.call("HINCRBY", vt, "queued_cu", tonumber(string.match(item, " (%S+)$")))
   rescore_tenant(model, tier, tenant)
   rescore_tier(model, tier)
+end
+
+-- Drops the lease of `entry` if `attempt` holds it (any attempt when "").
+local function drop_lease(entry, attempt)
+  local owner = redis.call("HGET", KEYS[2], entry)
+  if not owner or (attempt ~= "" and string.match(owner, "%S+$") ~= attempt) then return false end
+  redis.call("ZREM", KEYS[1], entry)
+  redis.call("HDEL", KEYS[2], entry)
+  return true
+end
+
+if op == "enqueue" then
+  -- model, tier, tenant, job id, cost, front (0/1), queue timeout ms (0: none), intent ("": none).
+  -- With an intent, only whoever removes it pushes: the submitter and the reaper race safely.
+  local model, tier, tenant = ARGV[A], ARGV[A + 1], ARGV[A + 2]
+  local item = ARGV[A + 3] .. " " .. ARGV[A + 4]
+  if ARGV[A + 7] ~= "" and redis.call("ZREM", KEYS[6], ARGV[A + 7]) == 0 then return 0 end
+  push(model, tier, tenant, item, ARGV[A + 5] == "1")
   if ARGV[A + 6] ~= "0" then
     redis.call("ZADD", KEYS[4], now_ms() + tonumber(ARGV[A + 6]), deadline_member(model, tier, tenant, item))
   end
   return 1
 end
 
+if op == "requeue" then
+  -- entry, attempt, model, tier, cost, delay ms, min VRAM bytes: hands a leased job back in one step,
+  -- to the head of its tenant's line, or after a backoff (delayed), or to the larger-GPU lane.
+  local entry, attempt = ARGV[A], ARGV[A + 1]
+  local model, tier, cost, delay, vram = ARGV[A + 2], ARGV[A + 3], ARGV[A + 4], tonumber(ARGV[A + 5]), ARGV[A + 6]
+  if not drop_lease(entry, attempt) then return 0 end
+  local tenant, job_id = string.match(entry, "^(%S+) (%S+)$")
+  local item = job_id .. " " .. cost
+  if delay > 0 or vram ~= "0" then
+    redis.call("ZADD", KEYS[5], now_ms() + delay, model .. "|" .. tier .. "|" .. tenant .. "|" .. item .. "|" .. vram)
+  else
+    push(model, tier, tenant, item, true)
+  end
+  return 1
+end
+
+if op == "promote" then
+  -- most: retries whose backoff is over go to the head of their tenant's line (or to the lane)
+  local due = redis.call("ZRANGEBYSCORE", KEYS[5], "-inf", now_ms(), "LIMIT", 0, tonumber(ARGV[A]))
+  for _, member in ipairs(due) do
+    redis.call("ZREM", KEYS[5], member)
+    local model, tier, tenant, item, vram = string.match(member, "^(.*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$")
+    if vram ~= "0" then
+      redis.call("ZADD", P .. "lane:" .. model, tonumber(vram), tier .. "|" .. tenant .. "|" .. item)
+    else
+      push(model, tier, tenant, item, true)
+    end
+  end
+  return #due
+end
+
+if op == "reap" then
+  -- most, grace ms: leases past their expiry, each put off by the grace so that one replica at a
+  -- time works on it; returns entry, owner pairs
+  local now = now_ms()
+  local due = redis.call("ZRANGEBYSCORE", KEYS[1], "-inf", now, "LIMIT", 0, tonumber(ARGV[A]))
+  local out = {}
+  for _, entry in ipairs(due) do
+    redis.call("ZADD", KEYS[1], now + tonumber(ARGV[A + 1]), entry)
+    out[#out + 1] = entry
+    out[#out + 1] = redis.call("HGET", KEYS[2], entry) or ""
+  end
+  return out
+end
+
+if op == "due_intents" then
+  -- most, grace ms: intents past their grace, each put off by the grace so that one replica at a
+  -- time finishes it
+  local now = now_ms()
+  local due = redis.call("ZRANGEBYSCORE", KEYS[6], "-inf", now, "LIMIT", 0, tonumber(ARGV[A]))
+  for _, member in ipairs(due) do redis.call("ZADD", KEYS[6], now + tonumber(ARGV[A + 1]), member) end
+  return due
+end
+
+if op == "bury" then
+  -- entry, attempt ("" any): the job ended FAILED after its retries; onto the dead-letter list
+  local entry = ARGV[A]
+  local owner = redis.call("HGET", KEYS[2], entry)
+  if owner and ARGV[A + 1] ~= "" and string.match(owner, "%S+$") ~= ARGV[A + 1] then return 0 end
+  drop_lease(entry, "")
+  redis.call("HDEL", KEYS[3], entry)
+  redis.call("ZADD", KEYS[7], now_ms(), entry)
+  return 1
+end
+
+if op == "unbury" then
+  -- entry, intent, due ms from now: off the dead-letter list, with an intent to enqueue it again
+  if redis.call("ZREM", KEYS[7], ARGV[A]) == 0 then return 0 end
+  redis.call("ZADD", KEYS[6], now_ms() + tonumber(ARGV[A + 2]), ARGV[A + 1])
+  return 1
+end
+
 if op == "remove" then
-  -- model, tier, tenant, job id, cost
-  return take_out(ARGV[A], ARGV[A + 1], ARGV[A + 2], ARGV[A + 3] .. " " .. ARGV[A + 4])
+  -- model, tier, tenant, job id, cost: out of its line, its backoff or the lane, wherever it waits
+  local model, tier, tenant = ARGV[A], ARGV[A + 1], ARGV[A + 2]
+  local item = ARGV[A + 3] .. " " .. ARGV[A + 4]
+  local removed = take_out(model, tier, tenant, item)
+  removed = removed + redis.call("ZREM", P .. "lane:" .. model, tier .. "|" .. tenant .. "|" .. item)
+  local prefix = model .. "|" .. tier .. "|" .. tenant .. "|" .. item .. "|"
+  for _, member in ipairs(redis.call("ZRANGE", KEYS[5], 0, -1)) do
+    if string.sub(member, 1, #prefix) == prefix then removed = removed + redis.call("ZREM", KEYS[5], member) end
+  end
+  return removed
+end
+
+if op == "drop_model" then
+  -- model, intent kind, intent due ms from now: takes every waiting job of the model out (its lines,
+  -- the lane and backoffs), each with an intent to end it; returns "<tenant> <job id>" of each
+  local model, kind, due = ARGV[A], ARGV[A + 1], now_ms() + tonumber(ARGV[A + 2])
+  local dropped = {}
+  local function note(tenant, item)
+    local entry = tenant .. " " .. string.match(item, "^(%S+)")
+    redis.call("ZADD", KEYS[6], due, kind .. "|" .. entry)
+    dropped[#dropped + 1] = entry
+  end
+  for _, tier in ipairs(redis.call("ZRANGE", P .. "tiers:" .. model, 0, -1)) do
+    local _, tenants = names(model, tier, "")
+    for _, tenant in ipairs(redis.call("ZRANGE", tenants, 0, -1)) do
+      local _, _, list = names(model, tier, tenant)
+      for _, item in ipairs(redis.call("LRANGE", list, 0, -1)) do
+        take_out(model, tier, tenant, item)
+        note(tenant, item)
+      end
+    end
+  end
+  for _, member in ipairs(redis.call("ZRANGE", P .. "lane:" .. model, 0, -1)) do
+    local _, tenant, item = string.match(member, "^([^|]*)|([^|]*)|(.*)$")
+    note(tenant, item)
+  end
+  redis.call("DEL", P .. "lane:" .. model)
+  local prefix = model .. "|"
+  for _, member in ipairs(redis.call("ZRANGE", KEYS[5], 0, -1)) do
+    if string.sub(member, 1, #prefix) == prefix then
+      local _, _, tenant, item = string.match(member, "^(.*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$")
+      redis.call("ZREM", KEYS[5], member)
+      note(tenant, item)
+    end
+  end
+  return dropped
+end
+
+if op == "waiting" then
+  -- model: whether any job of it waits in a line or the lane (backoffs come back to those)
+  local model = ARGV[A]
+  return (redis.call("EXISTS", P .. "tiers:" .. model) == 1 or redis.call("EXISTS", P .. "lane:" .. model) == 1) and 1 or 0
 end
 
 if op == "expire" then
-  -- most to expire; returns "<tenant> <job id>" of each job taken out of its queue
+  -- most to expire, intent due ms from now; returns "<tenant> <job id>" of each job taken out
   local due = redis.call("ZRANGEBYSCORE", KEYS[4], "-inf", now_ms(), "LIMIT", 0, tonumber(ARGV[A]))
   local expired = {}
   for _, member in ipairs(due) do
     local model, tier, tenant, item = string.match(member, "^(.*)|([^|]*)|([^|]*)|([^|]*)$")
     if take_out(model, tier, tenant, item) > 0 then
-      expired[#expired + 1] = tenant .. " " .. string.match(item, "^(%S+)")
+      local entry = tenant .. " " .. string.match(item, "^(%S+)")
+      -- Until the job is marked failed (another hash slot), the intent keeps it from being lost.
+      redis.call("ZADD", KEYS[6], now_ms() + tonumber(ARGV[A + 1]), "expire|" .. entry)
+      expired[#expired + 1] = entry
     end
     redis.call("ZREM", KEYS[4], member)
   end
@@ -148,10 +291,26 @@ if op == "stats" then
 end
 
 if op == "claim" then
-  -- worker id, lease ms, rotation, n models, models...
-  local worker, lease_ms, rotation, nm = ARGV[A], tonumber(ARGV[A + 1]), tonumber(ARGV[A + 2]), tonumber(ARGV[A + 3])
+  -- worker id, lease ms, rotation, free VRAM bytes, n models, models...
+  local worker, lease_ms, rotation = ARGV[A], tonumber(ARGV[A + 1]), tonumber(ARGV[A + 2])
+  local free_vram, nm = tonumber(ARGV[A + 3]), tonumber(ARGV[A + 4])
+  local function lease(tenant, job_id)
+    local entry = tenant .. " " .. job_id
+    local attempt = redis.call("HINCRBY", KEYS[3], entry, 1)
+    local expires = now_ms() + lease_ms
+    redis.call("ZADD", KEYS[1], expires, entry)
+    redis.call("HSET", KEYS[2], entry, worker .. " " .. attempt)
+    return {entry, attempt, expires}
+  end
   for i = 0, nm - 1 do
-    local model = ARGV[A + 4 + (i + rotation) % nm]
+    local model = ARGV[A + 5 + (i + rotation) % nm]
+    -- Retries that ran out of memory elsewhere come first, on a worker big enough for them.
+    local big = redis.call("ZRANGEBYSCORE", P .. "lane:" .. model, "-inf", free_vram, "LIMIT", 0, 1)
+    if #big > 0 then
+      redis.call("ZREM", P .. "lane:" .. model, big[1])
+      local _, tenant, job_id = string.match(big[1], "^([^|]*)|([^|]*)|(%S+) ")
+      return lease(tenant, job_id)
+    end
     local tiers = P .. "tiers:" .. model
     for _ = 1, 16 do  -- a few repairs at most, should a set point at an emptied line
       local top = redis.call("ZRANGE", tiers, 0, 0, "WITHSCORES")
@@ -180,12 +339,7 @@ if op == "claim" then
           rescore_tenant(model, tier, tenant)
           rescore_tier(model, tier)
           redis.call("ZREM", KEYS[4], deadline_member(model, tier, tenant, item))
-          local entry = tenant .. " " .. job_id
-          local attempt = redis.call("HINCRBY", KEYS[3], entry, 1)
-          local expires = now_ms() + lease_ms
-          redis.call("ZADD", KEYS[1], expires, entry)
-          redis.call("HSET", KEYS[2], entry, worker .. " " .. attempt)
-          return {entry, attempt, expires}
+          return lease(tenant, job_id)
         end
       end
     end

@@ -1,0 +1,120 @@
+"""Settling an attempt that did not succeed: retry it, hand it back, or end the job.
+
+Each path is two steps in two hash slots: the job's state first (fenced by the attempt), then its
+lease and place in line in one dispatch step. The lease is only dropped by that second step, so if a
+scheduler dies in between, the lease expires and the reaper (`reaper.py`) finishes the move from
+the job's state.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from libs.jobs import JobError, JobRecord, State
+from services.scheduler.queues import Queues, queued
+from services.scheduler.registry import Registry
+from services.scheduler.retries import WORKER_CRASHED, RetryPolicy
+from services.scheduler.store import JobStore
+
+log = logging.getLogger(__name__)
+
+
+class Recovery:
+    def __init__(self, store: JobStore, queues: Queues, policy: RetryPolicy, registry: Registry) -> None:
+        self._store = store
+        self._queues = queues
+        self._policy = policy
+        self._registry = registry
+
+    async def failed(self, record: JobRecord, attempt: int, error: JobError) -> None:
+        """The worker reported (or the scheduler found) that `attempt` failed with `error`."""
+        if record.cancel_requested:
+            # The client asked to stop it: a failure now is not worth another attempt.
+            outcome = await self._store.cancelled(record.tenant, record.id, attempt, record.step)
+            if outcome.ok:
+                await self._queues.release(record.tenant, record.id, attempt, finished=True)
+            return
+        decision = self._policy.decide(
+            record, error, most_free_vram=await self._registry.most_free_vram(record.model)
+        )
+        log.info(
+            "jobs/%s attempt %d failed with %s: %s",
+            record.id,
+            attempt,
+            error.reason,
+            f"retry via {decision.route.value} in {decision.delay_ms} ms" if decision.retry else "giving up",
+        )
+        if not decision.retry:
+            await self.give_up(record, attempt, decision.error)
+            return
+        outcome = await self._store.retry(
+            record.tenant,
+            record.id,
+            attempt,
+            error,
+            route=decision.route,
+            failures=decision.failures,
+            min_vram_bytes=decision.min_vram_bytes,
+        )
+        if outcome.ok:
+            await self._queues.retry(
+                attempt,
+                queued(record),
+                delay_ms=decision.delay_ms,
+                min_vram_bytes=decision.min_vram_bytes,
+            )
+        else:
+            await self._settled_elsewhere(record, attempt, outcome.detail)
+
+    async def give_up(self, record: JobRecord, attempt: int, error: JobError) -> None:
+        """Ends the job FAILED with `error` and puts it on the dead-letter list."""
+        outcome = await self._store.fail(record.tenant, record.id, attempt, error, dead_letter=True)
+        if outcome.ok:
+            await self._queues.bury(record.tenant, record.id, attempt)
+        else:
+            await self._settled_elsewhere(record, attempt, outcome.detail)
+
+    async def lost(self, record: JobRecord, attempt: int, worker: str, *, started: bool) -> None:
+        """The worker holding `attempt` went away. A job it had started counts a crash against the
+        job (it may be what killed the worker); one still waiting for a slot goes back for free."""
+        if started:
+            error = JobError(
+                "UNAVAILABLE",
+                f"worker {worker} was lost while running the job",
+                WORKER_CRASHED,
+                {"worker": worker, "detected_by": "scheduler"},
+            )
+            await self.failed(record, attempt, error)
+        else:
+            await self.release(record, attempt)
+
+    async def release(self, record: JobRecord, attempt: int) -> None:
+        """Hands `attempt` back unfinished (the worker drained, a scheduler stopped): another worker
+        runs it along the same route, with no failure counted, up to the cap on hand-overs."""
+        if self._policy.exhausted(record):
+            last = next((a.error for a in reversed(record.attempts) if a.error is not None), None)
+            error = last or JobError(
+                "UNAVAILABLE", f"handed to a worker {record.attempt} times without finishing", WORKER_CRASHED
+            )
+            await self.give_up(record, attempt, error)
+            return
+        outcome = await self._store.retry(
+            record.tenant,
+            record.id,
+            attempt,
+            None,
+            route=record.route,
+            failures=record.failures,
+            min_vram_bytes=record.min_vram_bytes,
+        )
+        if outcome.ok:
+            await self._queues.retry(
+                attempt, queued(record), delay_ms=0, min_vram_bytes=record.min_vram_bytes
+            )
+        else:
+            await self._settled_elsewhere(record, attempt, outcome.detail)
+
+    async def _settled_elsewhere(self, record: JobRecord, attempt: int, detail: str) -> None:
+        """The job moved on without us (it ended, or a newer attempt owns it)."""
+        if detail in (s.value for s in State if s.terminal) or detail == "":
+            await self._queues.release(record.tenant, record.id, attempt, finished=True)
