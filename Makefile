@@ -50,6 +50,7 @@ test: deps lint typecheck
 bench: deps
 	$(PY) bench/e2e_latency.py
 	$(PY) bench/admission.py
+	$(PY) bench/chaos.py
 
 clean:
 	rm -rf $(VENV) node_modules .build .kiln

@@ -70,9 +70,18 @@ class Fleet:
 
     async def stop(self) -> None:
         for proc in self.procs.values():
-            if proc.returncode is None:
-                proc.terminate()
-                await proc.wait()
+            await _stop(proc)
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=60)
+        except TimeoutError:
+            print(f"process {proc.pid} ignored SIGTERM for 60 s; killing it")
+            proc.kill()
+            await proc.wait()
 
 
 async def run(jobs: int, chaos: bool, kill_every_s: float) -> Result:
@@ -96,6 +105,9 @@ async def run(jobs: int, chaos: bool, kill_every_s: float) -> Result:
         target = f"127.0.0.1:{ports['grpc']}"
         env["KILN_SCHEDULER_ADDRESS"] = target
         env["KILN_WORKER_PREFETCH"] = "1"
+        # Three workers (and their pipeline processes) share this machine's cores: one torch thread
+        # each, or idle OpenMP threads spinning for a core slow every job down many times over.
+        env["OMP_NUM_THREADS"] = "1"
         fleet = Fleet(env, workdir)
         await asyncio.gather(*(fleet.start(str(i)) for i in range(WORKERS)))
         result = Result()
@@ -122,8 +134,7 @@ async def run(jobs: int, chaos: bool, kill_every_s: float) -> Result:
             result.lost += len(names) - len(final)
         finally:
             await fleet.stop()
-            scheduler.terminate()
-            await scheduler.wait()
+            await _stop(scheduler)
             redis.stop()
         result.run_twice = _run_twice(workdir)
         return result
@@ -152,13 +163,25 @@ async def _submit(stub: spb_grpc.SchedulerServiceStub, jobs: int) -> list[str]:
 
 
 async def _killer(fleet: Fleet, result: Result, every_s: float) -> None:
+    """Every few seconds, kill -9 a random worker that is up, unless it is the last one up; its
+    replacement starts in the background (loading a model takes a while), so the kills go on."""
     rng = random.Random(7)
-    while True:
-        await asyncio.sleep(rng.uniform(0.5 * every_s, 1.5 * every_s))
-        slot = rng.choice(sorted(fleet.procs))
-        await fleet.kill(slot)
-        result.kills += 1
-        await fleet.start(slot)
+    restarts: set[asyncio.Task[None]] = set()
+    try:
+        while True:
+            await asyncio.sleep(rng.uniform(0.5 * every_s, 1.5 * every_s))
+            up = sorted(slot for slot, proc in fleet.procs.items() if proc.returncode is None)
+            if len(up) < 2:
+                continue
+            slot = rng.choice(up)
+            await fleet.kill(slot)
+            result.kills += 1
+            restart = asyncio.create_task(fleet.start(slot))
+            restarts.add(restart)
+            restart.add_done_callback(restarts.discard)
+    finally:
+        # Let replacements come up before the fleet is stopped, so none is left behind.
+        await asyncio.gather(*restarts, return_exceptions=True)
 
 
 async def _wait(
@@ -170,12 +193,14 @@ async def _wait(
         pending = [n for n in names if n not in final or final[n].state not in TERMINAL]
         if not pending:
             break
-        replies = await asyncio.gather(
-            *(stub.GetJob(spb.GetJobRequest(tenant="chaos", name=n)) for n in pending)
-        )
-        for reply in replies:
-            final[reply.job.name] = reply.job
-        await asyncio.sleep(0.5)
+        # Polled in small batches and not too often, so the watching does not starve the scheduler.
+        for i in range(0, len(pending), 50):
+            replies = await asyncio.gather(
+                *(stub.GetJob(spb.GetJobRequest(tenant="chaos", name=n)) for n in pending[i : i + 50])
+            )
+            for reply in replies:
+                final[reply.job.name] = reply.job
+        await asyncio.sleep(2)
     return final
 
 

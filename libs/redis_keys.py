@@ -50,7 +50,8 @@ def tenant_jobs(tenant: str) -> str:
 
 DISPATCH_PREFIX = f"{PREFIX}:{{sched}}:"
 """The dispatch script builds its per-model keys under this prefix (see lua/dispatch.lua):
-`tiers:<model>`, `tenants:<model>:<tier>`, `q:<model>:<tier>:<tenant>`, `vt:<model>`."""
+`tiers:<model>`, `tenants:<model>:<tier>`, `q:<model>:<tier>:<tenant>`, `vt:<model>`, and
+`lane:<model>` (retries that need a worker with more free VRAM)."""
 
 
 def queue_deadlines() -> str:

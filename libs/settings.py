@@ -79,8 +79,9 @@ class SchedulerSettings(CommonSettings):
     job_ttl_seconds: int = 7 * 24 * 3600
     # How long a dispatcher sleeps between checks when no wake-up arrives (a missed pub/sub hint).
     dispatch_poll_seconds: float = 0.5
-    # How often each replica runs its housekeeping: queue timeouts, ended backoffs, expired leases.
-    queue_expiry_interval_seconds: float = 0.25
+    # How often each replica runs its housekeeping: queue timeouts, ended backoffs, expired leases,
+    # unfinished intents, models no worker can load.
+    housekeeping_interval_seconds: float = 0.25
     # A job's run (not its wait for a slot) is stopped after this long: DEADLINE_EXCEEDED.
     execution_timeout_seconds: float = 600.0
     # Attempts per failure reason (ErrorInfo.reason of the worker's failure), over the defaults
@@ -91,8 +92,9 @@ class SchedulerSettings(CommonSettings):
     retry_max_total_attempts: int = Field(default=10, ge=1)
     retry_backoff_base_seconds: float = Field(default=1.0, ge=0)
     retry_backoff_max_seconds: float = Field(default=60.0, ge=0)
-    # How long a half-done change (an expired lease being requeued, a create whose enqueue never
-    # came) is left to its owner before another replica finishes it.
+    # How long a half-done change (an expired lease being requeued, a queue timeout or a dead-letter
+    # requeue cut short) is left to its owner before another replica finishes it. (An unfinished
+    # CreateJob gets a fixed 30 s, longer than any call is waited for.)
     recovery_grace_seconds: float = Field(default=10.0, gt=0)
     # On SIGTERM: how long in-flight calls and worker streams get to finish.
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 from kiln.scheduler.v1 import scheduler_service_pb2, scheduler_service_pb2_grpc
@@ -28,12 +29,19 @@ from services.scheduler.scripts import Scripts
 from services.scheduler.store import JobStore
 from services.scheduler.worker_service import WorkerService
 
+log = logging.getLogger(__name__)
+
 
 class SchedulerApp:
     def __init__(self, settings: SchedulerSettings) -> None:
         self.settings = settings
+        # A connection idle for a second is pinged before use, so the first command after a Redis
+        # restart reconnects instead of failing on a dead socket.
         self.redis = Redis.from_url(
-            settings.redis_url, max_connections=1000, socket_timeout=settings.redis_socket_timeout_seconds
+            settings.redis_url,
+            max_connections=1000,
+            socket_timeout=settings.redis_socket_timeout_seconds,
+            health_check_interval=1,
         )
         scripts = Scripts(self.redis)
         self.store = JobStore(
@@ -86,7 +94,7 @@ class SchedulerApp:
                 "intents": self.reaper.finish_intents,
                 "models": self.model_health.check,
             },
-            settings.queue_expiry_interval_seconds,
+            settings.housekeeping_interval_seconds,
         )
         self._housekeeping_task: asyncio.Task[None] | None = None
         self.port = 0
@@ -114,16 +122,27 @@ class SchedulerApp:
 
     async def stop(self) -> None:
         """Drains: no worker gets new work, calls in flight get the grace period to finish, then the
-        jobs still on this replica's workers are handed back to run elsewhere."""
+        jobs still on this replica's workers are handed back to run elsewhere. Each phase is bounded,
+        so a stuck one cannot keep the process from exiting."""
+        grace = self.settings.shutdown_grace_seconds
         self.workers.stop_dispatch()
         if self._server is not None:
-            await self._server.stop(self.settings.shutdown_grace_seconds)
-        await self.workers.drain()
+            await self._server.stop(grace)
+        for phase, finish in (
+            ("hand back the workers' jobs", self.workers.drain()),
+            ("stop housekeeping", self._cancel_housekeeping()),
+            ("stop pub/sub", self.hub.stop()),
+        ):
+            try:
+                await asyncio.wait_for(finish, timeout=grace + 5)
+            except TimeoutError:
+                log.error("shutdown: could not %s in time; going on", phase)
+        await self.redis.aclose()
+
+    async def _cancel_housekeeping(self) -> None:
         if self._housekeeping_task is not None:
             self._housekeeping_task.cancel()
             await asyncio.gather(self._housekeeping_task, return_exceptions=True)
-        await self.hub.stop()
-        await self.redis.aclose()
 
 
 async def main() -> None:

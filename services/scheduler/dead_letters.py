@@ -33,8 +33,8 @@ class DeadLetters:
         for tenant, job_id, buried_ms in await self._queues.dead_letters(limit):
             try:
                 out.append(DeadLetter(await self._store.get(tenant, job_id), buried_ms))
-            except NotFound:  # expired with its job TTL
-                continue
+            except NotFound:  # the job expired (its TTL): nothing left to requeue
+                await self._queues.forget_dead_letter(tenant, job_id)
         return out
 
     async def requeue(self, tenant: str, job_id: str) -> JobRecord:

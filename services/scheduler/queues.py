@@ -137,7 +137,7 @@ class Queues:
         return promoted
 
     async def reap(self, most: int, grace_ms: int) -> list[tuple[str, str, str, int]]:
-        """Leases past their expiry: (tenant, job id, worker, attempt) of each, put off by
+        """Leases expired at least `grace_ms` ago: (tenant, job id, worker, attempt) of each, put off by
         `grace_ms` so that one replica at a time handles each."""
         flat = await self._dispatch("reap", most, grace_ms)
         assert isinstance(flat, list)
@@ -177,6 +177,10 @@ class Queues:
         intent = intent_member("enqueue", tenant, job_id)
         taken = await self._dispatch("unbury", keys.queue_entry(tenant, job_id), intent, grace_ms)
         return intent if taken else ""
+
+    async def forget_dead_letter(self, tenant: str, job_id: str) -> None:
+        await self._redis.zrem(keys.dead_letters(), keys.queue_entry(tenant, job_id))
+        await self._redis.hdel(keys.attempts(), keys.queue_entry(tenant, job_id))
 
     async def dead_letters(self, limit: int) -> list[tuple[str, str, int]]:
         """(tenant, job id, ms it was buried) of dead letters, oldest first."""

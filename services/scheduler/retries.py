@@ -26,6 +26,7 @@ DEFAULT_MAX_ATTEMPTS = {
     INVALID_OUTPUT: 2,
     "MODEL_LOAD_FAILED": 3,
     "DEADLINE_EXCEEDED": 1,
+    "RESULT_CORRUPTED": 2,  # bytes that did not match their SHA-256 on the way to the scheduler
 }
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from libs import redis_keys as keys
-from libs.errors import FailedPrecondition, Internal, InvalidArgument, NotFound, RequestIdReused
+from libs.errors import FailedPrecondition, InvalidArgument, NotFound, RequestIdReused
 from libs.jobs import Artifact, AttemptOutcome, JobError, JobRecord, Route, State, TextToImage, new_job_id
 from libs.ratelimit import CU_POLICIES
 from services.scheduler import records
@@ -95,9 +95,9 @@ class JobStore:
                 "send a new request_id for a new job",
                 metadata={"request_id": request_id, "job": f"jobs/{found_id}"},
             )
-        if status == "DUPLICATE_ID":
-            raise Internal(f"job id collision on {found_id}")
-        return await self.get(tenant, found_id), status == "CREATED"
+        # Job ids carry 80 random bits, so an existing one is this very call run twice: the Redis
+        # client resends a command whose reply a dropped connection lost. The first run charged.
+        return await self.get(tenant, found_id), status in ("CREATED", "DUPLICATE_ID")
 
     async def replayed(self, tenant: str, api_key_id: str, request_id: str) -> bool:
         """Whether `request_id` from this API key already made a job (create then returns it,
@@ -406,6 +406,9 @@ class JobStore:
                         return
             if not reply:
                 state: bytes | None = await self._redis.hget(job_key, "state")  # type: ignore[assignment]
+                if state is None:
+                    # Gone while watched (expired, or a Redis without AOF restarted): not a finish.
+                    await self.get(tenant, job_id)  # raises NotFound
                 if state is None or State(state.decode()).terminal:
                     # Ended (or expired) with nothing after `last`, or its terminal event came in
                     # after our read: the non-blocking read next time round delivers it, then ends.

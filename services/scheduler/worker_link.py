@@ -20,6 +20,7 @@ from libs.errors import NotFound
 from libs.jobs import Artifact, JobError, JobRecord, Route, State
 from libs.telemetry import context_from, traceparent_of, tracer
 from services.scheduler.hub import Hub
+from services.scheduler.outage import UNREACHABLE
 from services.scheduler.queues import Queues
 from services.scheduler.recovery import Recovery
 from services.scheduler.registry import Registry, WorkerInfo
@@ -115,11 +116,19 @@ class WorkerLink:
 
     # Dispatch -----------------------------------------------------------------------------------
     async def dispatch_forever(self) -> None:
-        await self._registry.report(self.info)
+        reported = False
         while True:
             self._poked.clear()
-            while self._credits > 0 and not self.draining and await self._assign_next():
-                pass
+            try:
+                if not reported:
+                    await self._registry.report(self.info)
+                    reported = True
+                while self._credits > 0 and not self.draining and await self._assign_next():
+                    pass
+            except UNREACHABLE as exc:
+                # Nothing was handed out that the store does not know of: a claim whose start was
+                # lost keeps its lease, and the reaper puts it back in line.
+                log.warning("dispatch to %s paused: Redis unreachable (%s)", self.worker_id, exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poked.wait(), timeout=self._config.poll_s)
 
@@ -225,48 +234,39 @@ class WorkerLink:
             data = bytes(job.chunks.get(image.index, b""))
             if len(data) != image.size_bytes or hashlib.sha256(data).hexdigest() != image.sha256:
                 error = JobError(
-                    "INTERNAL", "result corrupted in transit", "INVALID_OUTPUT", {"index": str(image.index)}
+                    "INTERNAL", "result corrupted in transit", "RESULT_CORRUPTED", {"index": str(image.index)}
                 )
                 await self.failed(job_id, attempt, error)
                 return
             stored.append((image, data))
-        try:
-            outcome = await self._store.succeed(job.tenant, job_id, attempt, stored)
-            if outcome.ok:
-                log.info("accepted result of jobs/%s attempt %d from %s", job_id, attempt, self.worker_id)
-            await self._queues.release(job.tenant, job_id, attempt, finished=True)
-        finally:
-            self._forget(job)
+        outcome = await self._store.succeed(job.tenant, job_id, attempt, stored)
+        if outcome.ok:
+            log.info("accepted result of jobs/%s attempt %d from %s", job_id, attempt, self.worker_id)
+        await self._queues.release(job.tenant, job_id, attempt, finished=True)
+        self._forget(job)
 
     async def failed(self, job_id: str, attempt: int, error: JobError) -> None:
         job = self._current(job_id, attempt)
         if job is None:
             return
-        try:
-            record = await self._store.get(job.tenant, job_id)
-            await self._recovery.failed(record, attempt, error)
-        finally:
-            self._forget(job)
+        await self._recovery.failed(await self._store.get(job.tenant, job_id), attempt, error)
+        self._forget(job)
 
     async def cancelled(self, job_id: str, attempt: int, step: int) -> None:
         job = self._current(job_id, attempt)
         if job is None:
             return
-        try:
-            outcome = await self._store.cancelled(job.tenant, job_id, attempt, step)
-            if outcome.ok or outcome.detail in ("SUCCEEDED", "FAILED", "CANCELLED", ""):
-                await self._queues.release(job.tenant, job_id, attempt, finished=True)
-        finally:
-            self._forget(job)
+        outcome = await self._store.cancelled(job.tenant, job_id, attempt, step)
+        if outcome.ok or outcome.detail in ("SUCCEEDED", "FAILED", "CANCELLED", ""):
+            await self._queues.release(job.tenant, job_id, attempt, finished=True)
+        self._forget(job)
 
     async def released(self, job_id: str, attempt: int) -> None:
         job = self._current(job_id, attempt)
         if job is None:
             return
-        try:
-            await self._recovery.release(await self._store.get(job.tenant, job_id), attempt)
-        finally:
-            self._forget(job)
+        await self._recovery.release(await self._store.get(job.tenant, job_id), attempt)
+        self._forget(job)
 
     def drain(self) -> None:
         """The worker is shutting down: hand it nothing more."""
@@ -281,7 +281,8 @@ class WorkerLink:
 
     async def close(self, *, shutting_down: bool = False) -> None:
         """The stream ended. Jobs the worker had started count a crash against them (it may have
-        died of one), unless this scheduler is the one going away; the rest go back for free."""
+        died of one), unless this scheduler or the worker was shutting down; the rest go back for
+        free."""
         for job in list(self._active.values()):
             try:
                 record = await self._store.get(job.tenant, job.job_id)
@@ -289,7 +290,8 @@ class WorkerLink:
                 await self._queues.release(job.tenant, job.job_id, job.attempt, finished=True)
                 continue
             if record.state is State.RUNNING and record.attempt == job.attempt:
-                started = job.started and not shutting_down
+                # A worker that said it was draining and ran out of time did not crash.
+                started = job.started and not shutting_down and not self.draining
                 await self._recovery.lost(record, job.attempt, self.worker_id, started=started)
             self._hub.finished(job.tenant, job.job_id)
         self._active.clear()

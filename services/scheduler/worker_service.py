@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 from typing import Any
 
@@ -17,6 +18,7 @@ from libs.convert import error_from_pb, spec_to_pb
 from libs.jobs import Artifact
 from libs.settings import SchedulerSettings
 from services.scheduler.hub import Hub
+from services.scheduler.outage import until_reachable
 from services.scheduler.queues import Queues
 from services.scheduler.recovery import Recovery
 from services.scheduler.registry import Registry, WorkerInfo
@@ -48,6 +50,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             execution_timeout_ms=int(settings.execution_timeout_seconds * 1000),
         )
         self._heartbeat_ms = settings.heartbeat_interval_ms
+        # A report may wait this long for Redis: about a lease, since leases cannot be kept anyway.
+        self._outage_s = settings.lease_seconds
         self._closing: set[asyncio.Task[None]] = set()
         self._links: set[WorkerLink] = set()
         self._handlers: set[asyncio.Task[Any]] = set()
@@ -116,7 +120,12 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             self._links.discard(link)
             # Requeueing must finish even if this handler is being cancelled; `drain` awaits it.
             closing = asyncio.create_task(
-                link.close(shutting_down=self.shutting_down), name=f"close-{reg.worker_id}"
+                until_reachable(
+                    lambda: link.close(shutting_down=self.shutting_down),
+                    within_s=self._outage_s,
+                    what=f"handing back the jobs of {reg.worker_id}",
+                ),
+                name=f"close-{reg.worker_id}",
             )
             self._closing.add(closing)
             closing.add_done_callback(self._closing.discard)
@@ -142,39 +151,48 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             msg = await context.read()
             if msg is grpc.aio.EOF:
                 return
-            kind = msg.WhichOneof("kind")
-            if kind == "heartbeat":
-                beat = msg.heartbeat
-                info = dataclasses.replace(
-                    link.info,
-                    models=tuple(beat.models),
-                    failed_models={f.model: f.message for f in beat.failed_models},
-                    vram_free_bytes=beat.vram_free_bytes,
-                )
-                await link.heartbeat([(j.job_id, j.attempt) for j in beat.jobs], info)
-            elif kind == "progress":
-                p = msg.progress
-                await link.progress(p.job_id, p.attempt, p.step, p.total_steps)
-            elif kind == "chunk":
-                c = msg.chunk
-                link.chunk(c.job_id, c.attempt, c.index, c.data)
-            elif kind == "completed":
-                done = msg.completed
-                images = [
-                    Artifact(i.index, i.mime_type, i.size_bytes, i.sha256, i.seed, i.width, i.height)
-                    for i in done.images
-                ]
-                await link.completed(done.job_id, done.attempt, images)
-            elif kind == "failed":
-                await link.failed(msg.failed.job_id, msg.failed.attempt, error_from_pb(msg.failed.error))
-            elif kind == "cancelled":
-                c2 = msg.cancelled
-                await link.cancelled(c2.job_id, c2.attempt, c2.step)
-            elif kind == "released":
-                await link.released(msg.released.job_id, msg.released.attempt)
-            elif kind == "draining":
-                log.info("worker %s is draining", link.worker_id)
-                link.drain()
+            # While Redis is away the worker waits for this report to be recorded (its stream
+            # backs up); past the outage allowance the stream ends and the worker reconnects.
+            await until_reachable(
+                functools.partial(self._handle, link, msg),
+                within_s=self._outage_s,
+                what=f"report from {link.worker_id}",
+            )
+
+    async def _handle(self, link: WorkerLink, msg: pb.ConnectRequest) -> None:
+        kind = msg.WhichOneof("kind")
+        if kind == "heartbeat":
+            beat = msg.heartbeat
+            info = dataclasses.replace(
+                link.info,
+                models=tuple(beat.models),
+                failed_models={f.model: f.message for f in beat.failed_models},
+                vram_free_bytes=beat.vram_free_bytes,
+            )
+            await link.heartbeat([(j.job_id, j.attempt) for j in beat.jobs], info)
+        elif kind == "progress":
+            p = msg.progress
+            await link.progress(p.job_id, p.attempt, p.step, p.total_steps)
+        elif kind == "chunk":
+            c = msg.chunk
+            link.chunk(c.job_id, c.attempt, c.index, c.data)
+        elif kind == "completed":
+            done = msg.completed
+            images = [
+                Artifact(i.index, i.mime_type, i.size_bytes, i.sha256, i.seed, i.width, i.height)
+                for i in done.images
+            ]
+            await link.completed(done.job_id, done.attempt, images)
+        elif kind == "failed":
+            await link.failed(msg.failed.job_id, msg.failed.attempt, error_from_pb(msg.failed.error))
+        elif kind == "cancelled":
+            c2 = msg.cancelled
+            await link.cancelled(c2.job_id, c2.attempt, c2.step)
+        elif kind == "released":
+            await link.released(msg.released.job_id, msg.released.attempt)
+        elif kind == "draining":
+            log.info("worker %s is draining", link.worker_id)
+            link.drain()
 
     async def _write(self, link: WorkerLink, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         while True:

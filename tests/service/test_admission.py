@@ -26,6 +26,7 @@ from libs.api_keys import ApiKeys
 from libs.catalog import ModelSpec
 from libs.cost import compute_units
 from libs.jobs import TextToImage
+from libs.redis_keys import DISPATCH_PREFIX
 from libs.rpc_status import from_rpc_error
 from libs.settings import SchedulerSettings
 from libs.tiers import Tier
@@ -295,6 +296,8 @@ async def test_jobs_that_would_outwait_the_tier_are_refused_with_503(stack: Stac
         redis = Redis.from_url(stack.redis_url)
         queues = Queues(redis, Scripts(redis), {"burst100": 1})
         assert await queues.claim("meter", ["metered"], 60_000) is not None  # 1 CU served: ~1/60 CU/s
+        # As if the queue had been busy for ten minutes: the estimate is past its start-up correction.
+        await redis.hset(f"{DISPATCH_PREFIX}vt:metered", "busy_since", await queues.now_ms() - 600_000)
         await redis.aclose()
         status, headers, error = await _submit(http, stack, key, body)
         async with http.post(f"{stack.http_base}/v1/jobs:estimate", json=body, headers=auth(key)) as resp:

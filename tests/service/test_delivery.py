@@ -27,6 +27,7 @@ from libs.settings import SchedulerSettings
 from libs.tiers import DEFAULT_TIERS
 from services.scheduler.admission import terms
 from services.scheduler.app import SchedulerApp
+from services.scheduler.dead_letters import DeadLetters
 from tests.conftest import TEST_TIERS, Stack
 from tests.service.wire_worker import WireWorker, submit
 
@@ -64,7 +65,7 @@ async def sched(stack: Stack) -> AsyncIterator[SchedulerApp]:
             models={**stack.scheduler.settings.models, **WIRE_MODELS},
             lease_seconds=1.0,
             heartbeat_interval_ms=100,
-            queue_expiry_interval_seconds=0.05,
+            housekeeping_interval_seconds=0.05,
             tiers=TEST_TIERS,
             retry_backoff_base_seconds=0.05,
             retry_backoff_max_seconds=0.2,
@@ -228,6 +229,18 @@ async def test_out_of_memory_everywhere_fails_with_the_vram_figures_and_is_dead_
         assert "no worker has more than the 8589934592 bytes of free GPU memory" in done.error.message
         buried = await sched.queues.dead_letters(1000)
         assert ("tenant-oom2", job.name.split("/")[1]) in [(t, j) for t, j, _ in buried]
+        # An operator requeues it (say, after adding a bigger GPU): it runs on from attempt 3.
+        letters = DeadLetters(sched.store, sched.queues, grace_ms=500)
+        await letters.requeue("tenant-oom2", job.name[5:])
+        third = await only.next_assignment()
+        assert (third.job_id, third.attempt) == (job.name[5:], 3)
+        assert not third.options.memory_savers  # failure counts and route start over
+        await only.complete(third, b"fits now")
+        again = await wait_job(sched, "tenant-oom2", job.name, ended)
+        assert (again.state, again.attempt) == (Job.STATE_SUCCEEDED, 3)
+        assert ("tenant-oom2", job.name[5:]) not in [
+            (t, j) for t, j, _ in await sched.queues.dead_letters(1000)
+        ]
     finally:
         await only.close()
 
@@ -369,8 +382,6 @@ async def test_a_job_that_never_ran_is_refunded_once(sched: SchedulerApp) -> Non
 async def test_a_model_no_worker_can_load_fails_its_jobs_and_an_operator_can_requeue_them(
     sched: SchedulerApp,
 ) -> None:
-    from services.scheduler.dead_letters import DeadLetters
-
     broken = await WireWorker(
         target(sched), "broken-loader", ["wire"], failed_models={"wire-broken": "header too large"}
     ).start()
@@ -467,4 +478,27 @@ async def test_a_scheduler_shutting_down_hands_its_workers_jobs_back_to_run_else
         assert await sched.redis.hget(keys.job("tenant-move", a.job_id), "failures") == b"{}"
     finally:
         await on_leaving.close()
+        await staying.close()
+
+
+async def test_a_draining_worker_that_runs_out_of_time_is_not_counted_as_a_crash(sched: SchedulerApp) -> None:
+    leaving = await WireWorker(target(sched), "out-of-time", ["wire-drain"]).start()
+    job = await submit(target(sched), "tenant-drain2", "wire-drain", "slow")
+    a = await leaving.next_assignment()
+    await leaving.progress(a, 1)
+    await leaving.drain()
+    await asyncio.sleep(0.1)
+    await leaving.close()  # its drain time ran out with the job unfinished
+    staying = await WireWorker(target(sched), "after-drain", ["wire-drain"]).start()
+    try:
+        b = await staying.next_assignment()
+        assert (b.job_id, b.attempt) == (a.job_id, 2)
+        await staying.complete(b, b"done")
+        done = await wait_job(sched, "tenant-drain2", job.name, ended)
+        assert [a.outcome for a in done.attempts] == [
+            job_pb2.Attempt.OUTCOME_RELEASED,
+            job_pb2.Attempt.OUTCOME_SUCCEEDED,
+        ]
+        assert await sched.redis.hget(keys.job("tenant-drain2", a.job_id), "failures") == b"{}"
+    finally:
         await staying.close()

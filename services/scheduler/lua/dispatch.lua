@@ -6,7 +6,8 @@
 --   <P>vt:<m>                 hash  F:/S:<tier>, F:/S:<tier>:<tenant> (last finish, current start
 --                                   tags) and V, V:<tier>
 --                                   (virtual time: the start tag of the last job served there);
---                                   queued_cu; served/served_ms (CU served, decayed over RATE_TAU_MS)
+--                                   queued_cu; served/served_ms (CU served, decayed over RATE_TAU_MS);
+--                                   busy_since (when its queue last went from empty to not)
 -- A tier's next job finishes at max(F_tier, V) + cost / weight; a tenant's at max(F_tenant,
 -- V_tier) + cost. Serving the smallest finish tag shares CU by weight across tiers and equally
 -- across a tier's tenants; starting from V means idling banks no credit and a newcomer goes
@@ -24,6 +25,7 @@ for i = 4, 3 + 2 * nw, 2 do weights[ARGV[i]] = tonumber(ARGV[i + 1]) end
 local A = 4 + 2 * nw  -- the op's first argument
 
 local RATE_TAU_MS = 60000
+local BUSY_MIN_MS = 2000
 
 local function now_ms()
   local t = redis.call("TIME")
@@ -110,6 +112,9 @@ local op = ARGV[1]
 
 local function push(model, tier, tenant, item, front)
   local _, _, list, vt = names(model, tier, tenant)
+  if num(redis.call("HGET", vt, "queued_cu")) <= 0 then
+    redis.call("HSET", vt, "busy_since", now_ms())  -- a busy spell starts: see "stats"
+  end
   if front then redis.call("LPUSH", list, item) else redis.call("RPUSH", list, item) end
   redis.call("HINCRBY", vt, "queued_cu", tonumber(string.match(item, " (%S+)$")))
   rescore_tenant(model, tier, tenant)
@@ -170,13 +175,15 @@ if op == "promote" then
 end
 
 if op == "reap" then
-  -- most, grace ms: leases past their expiry, each put off by the grace so that one replica at a
-  -- time works on it; returns entry, owner pairs
+  -- most, grace ms: leases expired at least the grace ago (heartbeats that queued up while Redis
+  -- was away renew theirs first), each put off by the grace so that one replica at a time works
+  -- on it; returns entry, owner pairs
   local now = now_ms()
-  local due = redis.call("ZRANGEBYSCORE", KEYS[1], "-inf", now, "LIMIT", 0, tonumber(ARGV[A]))
+  local grace = tonumber(ARGV[A + 1])
+  local due = redis.call("ZRANGEBYSCORE", KEYS[1], "-inf", now - grace, "LIMIT", 0, tonumber(ARGV[A]))
   local out = {}
   for _, entry in ipairs(due) do
-    redis.call("ZADD", KEYS[1], now + tonumber(ARGV[A + 1]), entry)
+    redis.call("ZADD", KEYS[1], now + grace, entry)
     out[#out + 1] = entry
     out[#out + 1] = redis.call("HGET", KEYS[2], entry) or ""
   end
@@ -198,7 +205,7 @@ if op == "bury" then
   local owner = redis.call("HGET", KEYS[2], entry)
   if owner and ARGV[A + 1] ~= "" and string.match(owner, "%S+$") ~= ARGV[A + 1] then return 0 end
   drop_lease(entry, "")
-  redis.call("HDEL", KEYS[3], entry)
+  -- The attempt counter stays: a requeued dead letter goes on from the job's last attempt.
   redis.call("ZADD", KEYS[7], now_ms(), entry)
   return 1
 end
@@ -284,10 +291,16 @@ end
 
 if op == "stats" then
   -- model: its queued CU, and the CU per second served over about the last minute
+  -- The decayed sum only reaches sum = rate * tau after serving for a while: early in a busy spell
+  -- it is divided by the part of tau that has passed (an EWMA's start-up correction), and within
+  -- the first BUSY_MIN_MS there is no estimate at all (0), rather than one far too low.
   local _, _, _, vt = names(ARGV[A], "", "")
   local now = now_ms()
   local sum = num(redis.call("HGET", vt, "served")) * math.exp(-math.max(0, now - num(redis.call("HGET", vt, "served_ms"))) / RATE_TAU_MS)
-  return {tostring(num(redis.call("HGET", vt, "queued_cu"))), string.format("%.6f", sum * 1000 / RATE_TAU_MS)}
+  local busy = now - num(redis.call("HGET", vt, "busy_since"))
+  local rate = 0
+  if busy >= BUSY_MIN_MS then rate = sum * 1000 / (RATE_TAU_MS * (1 - math.exp(-busy / RATE_TAU_MS))) end
+  return {tostring(num(redis.call("HGET", vt, "queued_cu"))), string.format("%.6f", rate)}
 end
 
 if op == "claim" then
