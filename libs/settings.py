@@ -8,7 +8,7 @@ extra models go in `[models.NAME]` tables.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field
 from pydantic_settings import (
@@ -87,7 +87,7 @@ class SchedulerSettings(CommonSettings):
     # Attempts per failure reason (ErrorInfo.reason of the worker's failure), over the defaults
     # WORKER_CRASHED 3, OUT_OF_MEMORY 3, INVALID_OUTPUT 2, MODEL_LOAD_FAILED 3, DEADLINE_EXCEEDED 1;
     # other reasons are not retried.
-    retry_max_attempts: dict[str, int] = Field(default_factory=dict)
+    retry_max_attempts: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
     # Hand-overs to workers of any kind, so a job that keeps taking its worker down ends.
     retry_max_total_attempts: int = Field(default=10, ge=1)
     retry_backoff_base_seconds: float = Field(default=1.0, ge=0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from libs.jobs import JobError, JobRecord, State
+from libs.jobs import JobError, JobRecord, Route, State
 from services.scheduler.queues import Queues, queued
 from services.scheduler.registry import Registry
 from services.scheduler.retries import WORKER_CRASHED, RetryPolicy
@@ -47,24 +47,15 @@ class Recovery:
         if not decision.retry:
             await self.give_up(record, attempt, decision.error)
             return
-        outcome = await self._store.retry(
-            record.tenant,
-            record.id,
+        await self._requeue(
+            record,
             attempt,
             error,
             route=decision.route,
             failures=decision.failures,
             min_vram_bytes=decision.min_vram_bytes,
+            delay_ms=decision.delay_ms,
         )
-        if outcome.ok:
-            await self._queues.retry(
-                attempt,
-                queued(record),
-                delay_ms=decision.delay_ms,
-                min_vram_bytes=decision.min_vram_bytes,
-            )
-        else:
-            await self._settled_elsewhere(record, attempt, outcome.detail)
 
     async def give_up(self, record: JobRecord, attempt: int, error: JobError) -> None:
         """Ends the job FAILED with `error` and puts it on the dead-letter list."""
@@ -98,18 +89,40 @@ class Recovery:
             )
             await self.give_up(record, attempt, error)
             return
-        outcome = await self._store.retry(
-            record.tenant,
-            record.id,
+        await self._requeue(
+            record,
             attempt,
             None,
             route=record.route,
             failures=record.failures,
             min_vram_bytes=record.min_vram_bytes,
+            delay_ms=0,
+        )
+
+    async def _requeue(
+        self,
+        record: JobRecord,
+        attempt: int,
+        error: JobError | None,
+        *,
+        route: Route,
+        failures: dict[str, int],
+        min_vram_bytes: int,
+        delay_ms: int,
+    ) -> None:
+        """The job back to QUEUED for another attempt, then its lease traded for a place in line."""
+        outcome = await self._store.retry(
+            record.tenant,
+            record.id,
+            attempt,
+            error,
+            route=route,
+            failures=failures,
+            min_vram_bytes=min_vram_bytes,
         )
         if outcome.ok:
             await self._queues.retry(
-                attempt, queued(record), delay_ms=0, min_vram_bytes=record.min_vram_bytes
+                attempt, queued(record), delay_ms=delay_ms, min_vram_bytes=min_vram_bytes
             )
         else:
             await self._settled_elsewhere(record, attempt, outcome.detail)

@@ -52,6 +52,7 @@ WIRE_MODELS = {
         "wire-idle",
         "wire-race",
         "wire-move",
+        "wire-backoff",
     )
 }
 
@@ -502,3 +503,36 @@ async def test_a_draining_worker_that_runs_out_of_time_is_not_counted_as_a_crash
         assert await sched.redis.hget(keys.job("tenant-drain2", a.job_id), "failures") == b"{}"
     finally:
         await staying.close()
+
+
+async def test_cancelling_a_job_waiting_out_its_backoff_takes_it_out_without_dispatch(stack: Stack) -> None:
+    patient = SchedulerApp(
+        SchedulerSettings(
+            redis_url=stack.redis_url,
+            scheduler_port=0,
+            models={**stack.scheduler.settings.models, **WIRE_MODELS},
+            retry_backoff_base_seconds=30,
+            retry_backoff_max_seconds=30,
+            shutdown_grace_seconds=0.5,
+        )
+    )
+    await patient.start()
+    worker = await WireWorker(target(patient), "backoff-worker", ["wire-backoff"]).start()
+    try:
+        job = await submit(target(patient), "tenant-backoff", "wire-backoff", "crashes once")
+        a = await worker.next_assignment()
+        await worker.fail(a, "UNAVAILABLE", "WORKER_CRASHED", {"signal": "9"})
+        waiting = await wait_job(patient, "tenant-backoff", job.name, lambda j: j.state == Job.STATE_QUEUED)
+        assert waiting.state == Job.STATE_QUEUED
+        job_id = job.name.removeprefix("jobs/").encode()
+        assert [m for m in await patient.redis.zrange(keys.delayed(), 0, -1) if job_id in m] != []
+        async with grpc.aio.insecure_channel(target(patient)) as channel:
+            reply = await spb_grpc.SchedulerServiceStub(channel).CancelJob(
+                spb.CancelJobRequest(tenant="tenant-backoff", name=job.name)
+            )
+        assert reply.job.state == Job.STATE_CANCELLED
+        assert [m for m in await patient.redis.zrange(keys.delayed(), 0, -1) if job_id in m] == []
+        assert worker.assignments.empty()
+    finally:
+        await worker.close()
+        await patient.stop()
