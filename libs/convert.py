@@ -65,7 +65,11 @@ def error_from_pb(status: status_pb2.Status) -> JobError:
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
             reason, metadata = info.reason, dict(info.metadata)
-    return JobError(code_pb2.Code.Name(status.code), status.message, reason, metadata)
+    # A failure reported as OK, or with a code that does not exist, is still a failure.
+    code = code_pb2.Code.Name(status.code) if status.code in code_pb2.Code.values() else "UNKNOWN"
+    if code == "OK":
+        code = "UNKNOWN"
+    return JobError(code, status.message or "no message", reason or "UNKNOWN", metadata)
 
 
 def _timestamp(ms: int) -> timestamp_pb2.Timestamp | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from kiln.v1 import job_pb2
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from libs.api_keys import ApiKeys
 from libs.cli.devstack import REDIS_URL_FILE, run_stack
@@ -31,6 +32,13 @@ def _redis_url(given: str | None) -> str:
 def _key_id(given: str) -> str:
     """The id part of `kiln_<id>_<secret>`, so a whole key works where an id is asked for."""
     return given.split("_")[1] if given.startswith("kiln_") and given.count("_") >= 2 else given
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
 
 
 def _configured_tier(tier: str) -> str:
@@ -90,9 +98,17 @@ async def _dead_letters(args: argparse.Namespace) -> None:
                 why = f"{error.reason}: {error.message}" if error else "-"
                 print(f"{job.tenant}  {job.name}  model={job.model}  attempts={job.attempt}  {why}")
         else:
+            failed = 0
             for name in args.jobs:
-                record = await letters.requeue(args.tenant, name.removeprefix("jobs/"))
-                print(f"{record.name} requeued ({record.state.value})")
+                try:
+                    record = await letters.requeue(args.tenant, name.removeprefix("jobs/"))
+                except KilnError as exc:  # say so, and go on with the others
+                    print(f"{name}: {exc.message}", file=sys.stderr)
+                    failed += 1
+                else:
+                    print(f"{record.name} requeued ({record.state.value})")
+            if failed:
+                raise SystemExit(f"{failed} of {len(args.jobs)} not requeued")
     finally:
         await redis.aclose()
 
@@ -134,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     dead.add_argument("--redis-url", help="default: KILN_REDIS_URL, else the Redis `kiln up` started")
     dead_sub = dead.add_subparsers(dest="dl_command", required=True)
     dl_list = dead_sub.add_parser("list", help="oldest first: tenant, job, model, attempts, last error")
-    dl_list.add_argument("--limit", type=int, default=100)
+    dl_list.add_argument("--limit", type=_positive, default=100, help="at most this many (default: 100)")
     dl_requeue = dead_sub.add_parser("requeue", help="run them again (same job ids, failure counts reset)")
     dl_requeue.add_argument("--tenant", required=True)
     dl_requeue.add_argument("jobs", nargs="+", help="jobs/<id> or <id>")
@@ -181,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     except KilnError as exc:
         detail = "; ".join(f"{v.field}: {v.description}" for v in exc.violations)
         raise SystemExit(f"error {exc.code} ({exc.reason}): {detail or exc.message}") from None
+    except RedisError as exc:
+        raise SystemExit(f"cannot reach Redis ({exc}); pass --redis-url or set KILN_REDIS_URL") from None
     except KeyboardInterrupt:
         sys.exit(130)
 

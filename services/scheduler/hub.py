@@ -53,8 +53,10 @@ class Hub:
     def running(self, tenant: str, job_id: str, link: Link) -> None:
         self._running[(tenant, job_id)] = link
 
-    def finished(self, tenant: str, job_id: str) -> None:
-        self._running.pop((tenant, job_id), None)
+    def finished(self, tenant: str, job_id: str, link: Link) -> None:
+        """`link` is done with the job; a newer holder (its next attempt, here) keeps its entry."""
+        if self._running.get((tenant, job_id)) is link:
+            del self._running[(tenant, job_id)]
 
     async def publish_cancel(self, tenant: str, job_id: str) -> None:
         await self._redis.publish(keys.CANCEL_CHANNEL, keys.queue_entry(tenant, job_id))

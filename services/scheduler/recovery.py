@@ -26,13 +26,19 @@ class Recovery:
         self._policy = policy
         self._registry = registry
 
+    async def _cancel_instead(self, record: JobRecord, attempt: int) -> bool:
+        """The client asked to stop the job: whatever ended this attempt, it ends CANCELLED rather
+        than going back in line."""
+        if not record.cancel_requested:
+            return False
+        outcome = await self._store.cancelled(record.tenant, record.id, attempt, record.step)
+        if outcome.ok:
+            await self._queues.release(record.tenant, record.id, attempt, finished=True)
+        return True
+
     async def failed(self, record: JobRecord, attempt: int, error: JobError) -> None:
         """The worker reported (or the scheduler found) that `attempt` failed with `error`."""
-        if record.cancel_requested:
-            # The client asked to stop it: a failure now is not worth another attempt.
-            outcome = await self._store.cancelled(record.tenant, record.id, attempt, record.step)
-            if outcome.ok:
-                await self._queues.release(record.tenant, record.id, attempt, finished=True)
+        if await self._cancel_instead(record, attempt):
             return
         decision = self._policy.decide(
             record, error, most_free_vram=await self._registry.most_free_vram(record.model)
@@ -82,6 +88,8 @@ class Recovery:
     async def release(self, record: JobRecord, attempt: int) -> None:
         """Hands `attempt` back unfinished (the worker drained, a scheduler stopped): another worker
         runs it along the same route, with no failure counted, up to the cap on hand-overs."""
+        if await self._cancel_instead(record, attempt):
+            return
         if self._policy.exhausted(record):
             last = next((a.error for a in reversed(record.attempts) if a.error is not None), None)
             error = last or JobError(

@@ -229,6 +229,16 @@ class WorkerLink:
         job = self._current(job_id, attempt)
         if job is None:
             return
+        if sorted(image.index for image in images) != list(range(job.record.spec.num_images)):
+            error = JobError(
+                "INTERNAL",
+                f"the worker sent images {sorted(i.index for i in images)} for a job of "
+                f"{job.record.spec.num_images} image(s)",
+                "RESULT_CORRUPTED",
+                {"images": str(len(images))},
+            )
+            await self.failed(job_id, attempt, error)
+            return
         stored: list[tuple[Artifact, bytes]] = []
         for image in images:
             data = bytes(job.chunks.get(image.index, b""))
@@ -275,7 +285,7 @@ class WorkerLink:
     def _forget(self, job: ActiveJob) -> None:
         if self._active.get(job.job_id) is job:
             del self._active[job.job_id]
-            self._hub.finished(job.tenant, job.job_id)
+            self._hub.finished(job.tenant, job.job_id, self)
             self._credits += 1
             self.poke()
 
@@ -293,6 +303,6 @@ class WorkerLink:
                 # A worker that said it was draining and ran out of time did not crash.
                 started = job.started and not shutting_down and not self.draining
                 await self._recovery.lost(record, job.attempt, self.worker_id, started=started)
-            self._hub.finished(job.tenant, job.job_id)
+            self._hub.finished(job.tenant, job.job_id, self)
         self._active.clear()
         await self._registry.forget(self.worker_id)

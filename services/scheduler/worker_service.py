@@ -27,6 +27,8 @@ from services.scheduler.worker_link import AssignJob, LinkConfig, WorkerLink
 
 log = logging.getLogger(__name__)
 
+MAX_PREFETCH_PER_SLOT = 4
+
 
 class WorkerService(pb_grpc.WorkerServiceServicer):
     def __init__(
@@ -68,6 +70,11 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         if self.shutting_down:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "this scheduler is shutting down")
         reg = first.register
+        if any(link.worker_id == reg.worker_id for link in self._links):
+            # Its reports (models, VRAM, held jobs) would be mixed up with the other stream's.
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS, f"a worker with id {reg.worker_id!r} is already connected"
+            )
         handler = asyncio.current_task()
         if handler is not None:
             self._handlers.add(handler)
@@ -80,7 +87,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 vram_total_bytes=reg.vram_total_bytes,
                 vram_free_bytes=reg.vram_free_bytes,
             ),
-            capacity=max(1, reg.slots) + max(0, reg.prefetch),
+            # Prefetch beyond a few jobs per slot only hoards work other workers could start.
+            capacity=max(1, reg.slots) + min(max(0, reg.prefetch), MAX_PREFETCH_PER_SLOT * max(1, reg.slots)),
             store=self._store,
             queues=self._queues,
             hub=self._hub,

@@ -17,6 +17,7 @@ from google.rpc import status_pb2
 from kiln.scheduler.v1 import scheduler_service_pb2 as spb
 from kiln.scheduler.v1 import scheduler_service_pb2_grpc as spb_grpc
 from kiln.v1 import job_pb2
+from kiln.worker.v1 import worker_service_pb2 as pb
 from redis.asyncio import Redis
 
 from libs import redis_keys as keys
@@ -53,6 +54,10 @@ WIRE_MODELS = {
         "wire-race",
         "wire-move",
         "wire-backoff",
+        "wire-prefetch",
+        "wire-takeover",
+        "wire-noimg",
+        "wire-garbled",
     )
 }
 
@@ -536,3 +541,95 @@ async def test_cancelling_a_job_waiting_out_its_backoff_takes_it_out_without_dis
     finally:
         await worker.close()
         await patient.stop()
+
+
+async def test_a_cancelled_prefetched_job_handed_back_ends_cancelled_without_running(
+    sched: SchedulerApp,
+) -> None:
+    holder = await WireWorker(target(sched), "prefetcher", ["wire-prefetch"], prefetch=1).start()
+    first = await submit(target(sched), "tenant-prefetch", "wire-prefetch", "runs")
+    second = await submit(target(sched), "tenant-prefetch", "wire-prefetch", "waits in the worker")
+    a1, a2 = await holder.next_assignment(), await holder.next_assignment()
+    other = await WireWorker(target(sched), "bystander", ["wire-prefetch"]).start()
+    try:
+        async with grpc.aio.insecure_channel(target(sched)) as channel:
+            await spb_grpc.SchedulerServiceStub(channel).CancelJob(
+                spb.CancelJobRequest(tenant="tenant-prefetch", name=second.name)
+            )
+        await holder.drain()
+        await holder.release(a2)  # the drain crosses the cancel
+        done = await wait_job(sched, "tenant-prefetch", second.name, ended)
+        assert (done.state, done.attempt) == (Job.STATE_CANCELLED, 1)
+        await holder.complete(a1, b"first")
+        assert (await wait_job(sched, "tenant-prefetch", first.name, ended)).state == Job.STATE_SUCCEEDED
+        assert other.assignments.empty()
+    finally:
+        await holder.close()
+        await other.close()
+
+
+async def test_a_cancel_reaches_the_worker_that_took_over_from_a_stale_one(sched: SchedulerApp) -> None:
+    silent = await WireWorker(target(sched), "stale-holder", ["wire-takeover"], heartbeat_s=None).start()
+    job = await submit(target(sched), "tenant-takeover", "wire-takeover", "taken over")
+    a = await silent.next_assignment()
+    fresh = await WireWorker(target(sched), "new-holder", ["wire-takeover"]).start()
+    try:
+        b = await fresh.next_assignment()
+        assert b.attempt == 2
+        await silent.heartbeat()  # late: told to cancel its attempt, which it forgets
+        stale_cancel = await asyncio.wait_for(silent.cancels.get(), 5)
+        assert (stale_cancel.job_id, stale_cancel.attempt) == (a.job_id, 1)
+        async with grpc.aio.insecure_channel(target(sched)) as channel:
+            await spb_grpc.SchedulerServiceStub(channel).CancelJob(
+                spb.CancelJobRequest(tenant="tenant-takeover", name=job.name)
+            )
+        cancel = await asyncio.wait_for(fresh.cancels.get(), 5)
+        assert (cancel.job_id, cancel.attempt) == (a.job_id, 2)
+    finally:
+        await silent.close()
+        await fresh.close()
+
+
+async def test_a_result_without_its_images_is_never_a_success(sched: SchedulerApp) -> None:
+    worker = await WireWorker(target(sched), "forgetful", ["wire-noimg"]).start()
+    try:
+        job = await submit(target(sched), "tenant-noimg", "wire-noimg", "one image please")
+        a = await worker.next_assignment()
+        await worker.send(pb.ConnectRequest(completed=pb.JobCompleted(job_id=a.job_id, attempt=a.attempt)))
+        b = await worker.next_assignment()
+        assert b.attempt == 2
+        await worker.complete(b, b"the image")
+        done = await wait_job(sched, "tenant-noimg", job.name, ended)
+        assert done.state == Job.STATE_SUCCEEDED and len(done.artifacts) == 1
+        assert reason_of(done.attempts[0].error) == "RESULT_CORRUPTED"
+    finally:
+        await worker.close()
+
+
+async def test_a_malformed_failure_fails_the_job_and_keeps_the_stream(sched: SchedulerApp) -> None:
+    worker = await WireWorker(target(sched), "garbled", ["wire-garbled"]).start()
+    try:
+        job = await submit(target(sched), "tenant-garbled", "wire-garbled", "garbled")
+        a = await worker.next_assignment()
+        bad = pb.JobFailed(job_id=a.job_id, attempt=a.attempt, error=status_pb2.Status(code=99))
+        await worker.send(pb.ConnectRequest(failed=bad))
+        done = await wait_job(sched, "tenant-garbled", job.name, ended)
+        assert done.state == Job.STATE_FAILED
+        error = error_from_pb(done.error)
+        assert (error.code, error.reason) == ("UNKNOWN", "UNKNOWN")
+        nxt = await submit(target(sched), "tenant-garbled", "wire-garbled", "next")
+        b = await worker.next_assignment()  # the same stream goes on
+        assert b.job_id == nxt.name[5:]
+        await worker.complete(b, b"fine")
+    finally:
+        await worker.close()
+
+
+async def test_a_second_stream_with_the_same_worker_id_is_refused(sched: SchedulerApp) -> None:
+    first = await WireWorker(target(sched), "twin", ["wire"]).start()
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await WireWorker(target(sched), "twin", ["wire"]).start()
+        assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    finally:
+        await first.close()

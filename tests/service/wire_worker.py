@@ -59,8 +59,12 @@ class WireWorker:
     async def start(self) -> WireWorker:
         self._channel = grpc.aio.insecure_channel(self._target)
         self._call = pb_grpc.WorkerServiceStub(self._channel).Connect()
-        await self._call.write(pb.ConnectRequest(register=self._register))
-        first = await self._call.read()
+        try:
+            await self._call.write(pb.ConnectRequest(register=self._register))
+            first = await self._call.read()
+        except grpc.aio.AioRpcError:
+            await self._channel.close()
+            raise
         assert first.WhichOneof("kind") == "registered"
         self._tasks.append(asyncio.create_task(self._read()))
         if self._heartbeat_s is not None:
@@ -128,6 +132,10 @@ class WireWorker:
     async def release(self, a: pb.Assignment) -> None:
         await self._call.write(pb.ConnectRequest(released=pb.JobReleased(job_id=a.job_id, attempt=a.attempt)))
         self.held.discard((a.job_id, a.attempt))
+
+    async def send(self, msg: pb.ConnectRequest) -> None:
+        """Any message at all, malformed ones included."""
+        await self._call.write(msg)
 
     async def drain(self) -> None:
         await self._call.write(pb.ConnectRequest(draining=pb.Draining()))
