@@ -34,6 +34,15 @@ def _key_id(given: str) -> str:
     return given.split("_")[1] if given.startswith("kiln_") and given.count("_") >= 2 else given
 
 
+def _env_port(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    if not value:
+        return default
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise SystemExit(f"{name} must be a port number (1-65535), got {value!r}")
+    return int(value)
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -93,7 +102,10 @@ async def _dead_letters(args: argparse.Namespace) -> None:
     )
     try:
         if args.dl_command == "list":
-            for letter in await letters.list(args.limit):
+            found = await letters.list(args.limit)
+            if not found:
+                print("no dead letters", file=sys.stderr)
+            for letter in found:
                 job, error = letter.record, letter.record.error
                 why = f"{error.reason}: {error.message}" if error else "-"
                 print(f"{job.tenant}  {job.name}  model={job.model}  attempts={job.attempt}  {why}")
@@ -127,9 +139,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start Redis, scheduler, a tiny-sd worker and the gateway")
-    up.add_argument("--http-port", type=int, default=8080)
-    up.add_argument("--grpc-port", type=int, default=50051)
-    up.add_argument("--scheduler-port", type=int, default=50052)
+    # The same variables the services read, so `KILN_GATEWAY_HTTP_PORT=18080 make run` works too.
+    up.add_argument("--http-port", type=int, default=_env_port("KILN_GATEWAY_HTTP_PORT", 8080))
+    up.add_argument("--grpc-port", type=int, default=_env_port("KILN_GATEWAY_GRPC_PORT", 50051))
+    up.add_argument("--scheduler-port", type=int, default=_env_port("KILN_SCHEDULER_PORT", 50052))
 
     keys = sub.add_parser("keys", help="create, revoke and list API keys")
     keys.add_argument("--redis-url", help="default: KILN_REDIS_URL, else the Redis `kiln up` started")
