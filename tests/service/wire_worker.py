@@ -55,6 +55,7 @@ class WireWorker:
         self._channel: grpc.aio.Channel | None = None
         self._call: Any = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._writing = asyncio.Lock()
 
     async def start(self) -> WireWorker:
         self._channel = grpc.aio.insecure_channel(self._target)
@@ -95,18 +96,18 @@ class WireWorker:
             models=self.models,
             failed_models=[pb.ModelFailure(model=m, message=t) for m, t in self._failed.items()],
         )
-        await self._call.write(pb.ConnectRequest(heartbeat=beat))
+        await self._write(pb.ConnectRequest(heartbeat=beat))
 
     async def next_assignment(self, within: float = 10) -> pb.Assignment:
         return await asyncio.wait_for(self.assignments.get(), within)
 
     async def progress(self, a: pb.Assignment, step: int, total: int = 4) -> None:
         progress = pb.JobProgress(job_id=a.job_id, attempt=a.attempt, step=step, total_steps=total)
-        await self._call.write(pb.ConnectRequest(progress=progress))
+        await self._write(pb.ConnectRequest(progress=progress))
 
     async def complete(self, a: pb.Assignment, data: bytes) -> None:
         chunk = pb.ResultChunk(job_id=a.job_id, attempt=a.attempt, index=0, data=data)
-        await self._call.write(pb.ConnectRequest(chunk=chunk))
+        await self._write(pb.ConnectRequest(chunk=chunk))
         info = pb.ImageInfo(
             index=0,
             mime_type="image/png",
@@ -117,7 +118,7 @@ class WireWorker:
             height=64,
         )
         done = pb.JobCompleted(job_id=a.job_id, attempt=a.attempt, images=[info])
-        await self._call.write(pb.ConnectRequest(completed=done))
+        await self._write(pb.ConnectRequest(completed=done))
         self.held.discard((a.job_id, a.attempt))
 
     async def fail(self, a: pb.Assignment, code: str, reason: str, metadata: dict[str, str]) -> None:
@@ -126,19 +127,25 @@ class WireWorker:
             error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
         )
         failed = pb.JobFailed(job_id=a.job_id, attempt=a.attempt, error=status)
-        await self._call.write(pb.ConnectRequest(failed=failed))
+        await self._write(pb.ConnectRequest(failed=failed))
         self.held.discard((a.job_id, a.attempt))
 
     async def release(self, a: pb.Assignment) -> None:
-        await self._call.write(pb.ConnectRequest(released=pb.JobReleased(job_id=a.job_id, attempt=a.attempt)))
+        await self._write(pb.ConnectRequest(released=pb.JobReleased(job_id=a.job_id, attempt=a.attempt)))
         self.held.discard((a.job_id, a.attempt))
+
+    async def _write(self, msg: pb.ConnectRequest) -> None:
+        # One write at a time: grpc refuses a second write on a stream while one is in flight,
+        # and the heartbeat task writes beside the test.
+        async with self._writing:
+            await self._call.write(msg)
 
     async def send(self, msg: pb.ConnectRequest) -> None:
         """Any message at all, malformed ones included."""
-        await self._call.write(msg)
+        await self._write(msg)
 
     async def drain(self) -> None:
-        await self._call.write(pb.ConnectRequest(draining=pb.Draining()))
+        await self._write(pb.ConnectRequest(draining=pb.Draining()))
 
     async def close(self) -> None:
         for task in self._tasks:
