@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from libs.errors import NotFound
 from libs.jobs import JobRecord, State
-from services.scheduler.queues import Queues, queued
+from services.scheduler.queues import Queues, intent_member, queued
 from services.scheduler.recovery import Recovery
 from services.scheduler.store import JobStore
 
@@ -72,7 +72,7 @@ class Reaper:
     async def finish_intents(self) -> int:
         due = await self._queues.due_intents(BATCH, self._grace_ms)
         for kind, tenant, job_id in due:
-            intent = f"{kind}|{tenant} {job_id}"
+            intent = intent_member(kind, tenant, job_id)
             record = await self._record(tenant, job_id)
             if record is None or record.state is not State.QUEUED:
                 if record is not None and record.state is State.FAILED and record.dead_letter:

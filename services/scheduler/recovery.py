@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 
-from libs.jobs import JobError, JobRecord, Route, State
+from libs.jobs import JobError, JobRecord, Route
 from services.scheduler.queues import Queues, queued
 from services.scheduler.registry import Registry
 from services.scheduler.retries import WORKER_CRASHED, RetryPolicy
-from services.scheduler.store import JobStore
+from services.scheduler.store import JobStore, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Recovery:
         if outcome.ok:
             await self._queues.bury(record.tenant, record.id, attempt)
         else:
-            await self._settled_elsewhere(record, attempt, outcome.detail)
+            await self._settled_elsewhere(record, attempt, outcome)
 
     async def lost(self, record: JobRecord, attempt: int, worker: str, *, started: bool) -> None:
         """The worker holding `attempt` went away. A job it had started counts a crash against the
@@ -133,9 +133,9 @@ class Recovery:
                 attempt, queued(record), delay_ms=delay_ms, min_vram_bytes=min_vram_bytes
             )
         else:
-            await self._settled_elsewhere(record, attempt, outcome.detail)
+            await self._settled_elsewhere(record, attempt, outcome)
 
-    async def _settled_elsewhere(self, record: JobRecord, attempt: int, detail: str) -> None:
+    async def _settled_elsewhere(self, record: JobRecord, attempt: int, outcome: Outcome) -> None:
         """The job moved on without us (it ended, or a newer attempt owns it)."""
-        if detail in (s.value for s in State if s.terminal) or detail == "":
+        if outcome.gone:
             await self._queues.release(record.tenant, record.id, attempt, finished=True)

@@ -43,6 +43,11 @@ class Outcome:
     def ok(self) -> bool:
         return self.status == "OK"
 
+    @property
+    def gone(self) -> bool:
+        """Refused because the job has ended or no longer exists: its lease can be let go."""
+        return self.status == "MISSING" or (self.status == "STATE" and self.detail in TERMINAL.split(","))
+
 
 def _check_event_id(event_id: str) -> None:
     match = _EVENT_ID.fullmatch(event_id) if event_id else None

@@ -267,7 +267,7 @@ class WorkerLink:
         if job is None:
             return
         outcome = await self._store.cancelled(job.tenant, job_id, attempt, step)
-        if outcome.ok or outcome.detail in ("SUCCEEDED", "FAILED", "CANCELLED", ""):
+        if outcome.ok or outcome.gone:
             await self._queues.release(job.tenant, job_id, attempt, finished=True)
         self._forget(job)
 
